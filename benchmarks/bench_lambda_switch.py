@@ -14,7 +14,7 @@ Two cases on a tiny GPT-2 built from a config (nothing is downloaded):
   base `from_pretrained` + `PeftModel.from_pretrained`, as the rewarded-soups code reloaded adapters per λ.
 
 Each timed λ is checked: the soup's logits must match the rebuilt model's (atol 1e-4), so a fast wrong switch
-cannot pass. Prints a markdown table (ms per λ, and the speed-up of the Soup) and optionally writes JSON.
+cannot pass. Prints a markdown table (median ms per λ, and the speed-up of the Soup) and optionally writes JSON.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -156,11 +157,12 @@ def bench_lora(base: Path, adapters: list[Path], lambdas: list[list[float]], ids
 
 
 def _ms(values: list[float]) -> float:
-    return 1000.0 * sum(values) / len(values)
+    """Median milliseconds: robust to the odd garbage-collection pause or a neighbour's burst on a shared CPU."""
+    return 1000.0 * statistics.median(values)
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    """A markdown table: per-λ milliseconds and the soup's speed-up."""
+    """A markdown table: median per-λ milliseconds and the soup's speed-up (ratio of medians)."""
     labels = {
         ("full", "switch"): "resident Soup.set_weights",
         ("full", "rebuild"): "interpolate + write_soup + from_pretrained",
@@ -169,7 +171,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         ("lora", "rebuild"): "mix_lora(merged) + from_pretrained",
         ("lora", "reload_adapter"): "mix_lora(adapter) + from_pretrained + PeftModel.from_pretrained",
     }
-    rows = ["| case | per λ | ms / λ | Soup speed-up |", "|---|---|---:|---:|"]
+    rows = ["| case | per λ | median ms / λ | Soup speed-up |", "|---|---|---:|---:|"]
     for case, res in results.items():
         base_ms = _ms(res["switch"])
         for method in ("switch", "rebuild", "load_only", "reload_adapter"):
