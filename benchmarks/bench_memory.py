@@ -133,7 +133,7 @@ def _status_kb(pid: int) -> dict[str, int]:
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith(("RssAnon:", "RssFile:", "VmHWM:")):
+                if line.startswith(("RssAnon:", "RssFile:", "VmRSS:", "VmHWM:")):
                     name, value = line.split(":", 1)
                     out[name] = int(value.split()[0])
     except (OSError, ValueError):
@@ -151,7 +151,7 @@ def measure_here(cmd: list[str], log: Path, interval: float = 0.005) -> dict[str
     start = time.perf_counter()
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
-    peaks = {"RssAnon": 0, "RssFile": 0}
+    peaks = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
     done = threading.Event()
 
     def sample() -> None:
@@ -175,6 +175,7 @@ def measure_here(cmd: list[str], log: Path, interval: float = 0.005) -> dict[str
         "peak_rss_mb": usage.ru_maxrss * 1024 / 1e6,  # Linux: kilobytes
         "peak_anon_mb_sampled": peaks["RssAnon"] * 1024 / 1e6,
         "peak_file_mb_sampled": peaks["RssFile"] * 1024 / 1e6,
+        "peak_rss_mb_sampled": peaks["VmRSS"] * 1024 / 1e6,
         "wrapper_rss_mb": _status_kb(os.getpid()).get("VmHWM", 0) * 1024 / 1e6,
         "log": str(log),
     }
@@ -259,7 +260,7 @@ def max_abs_diffs(experts: list[Path], weights: list[float], outputs: dict[str, 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median over repeats of each figure (one repeat: that run)."""
-    keys = ("wall_s", "peak_rss_mb", "peak_anon_mb_sampled", "peak_file_mb_sampled")
+    keys = ("wall_s", "peak_rss_mb", "peak_rss_mb_sampled", "peak_anon_mb_sampled", "peak_file_mb_sampled")
     out = {k: statistics.median(r[k] for r in runs) for k in keys}
     out["rc"] = max(r["rc"] for r in runs)
     out["runs"] = runs
@@ -348,6 +349,8 @@ def main() -> None:
     parser.add_argument("--mergekit-python", default="/tmp/mergekit_env/bin/python",
                         help="python of an environment with mergekit installed, or 'none'")
     parser.add_argument("--json", type=Path, default=None, help="results JSON (default WORK/results.json)")
+    parser.add_argument("--methods", nargs="+", default=["soups", "naive", "mergekit"],
+                        choices=["soups", "naive", "mergekit"], help="methods to measure (baselines always run)")
     parser.add_argument("--keep", action="store_true", help="keep the merged outputs")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--wrap", type=Path, default=None, help=argparse.SUPPRESS)
@@ -386,8 +389,11 @@ def main() -> None:
         "naive": me + ["--child", "naive", "--experts", *map(str, experts), "--weights", *map(str, lam),
                        "--output", str(outputs["naive"])],
     }
-    mergekit_problem = _mergekit_problem(args.mergekit_python)
-    if mergekit_problem is None:
+    for name in ("soups", "naive"):
+        if name not in args.methods:
+            del commands[name]
+    mergekit_problem = _mergekit_problem(args.mergekit_python) if "mergekit" in args.methods else None
+    if mergekit_problem is None and "mergekit" in args.methods:
         config = work / "mergekit.yaml"
         models = "\n".join(f"  - model: {p}\n    parameters:\n      weight: {w}" for p, w in zip(experts, lam))
         config.write_text(f"merge_method: linear\nmodels:\n{models}\nparameters:\n  normalize: false\n"

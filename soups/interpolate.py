@@ -167,28 +167,29 @@ def weighted_sum(
     device = torch.device(device) if device is not None else first.device
     if not first.dtype.is_floating_point:
         return first.to(device)
-    acc_dtype = _accumulation_dtype(out_dtype or first.dtype)
-    acc = torch.zeros(first.shape, dtype=acc_dtype, device=device)
+    shape, first_dtype = first.shape, first.dtype
+    acc_dtype = _accumulation_dtype(out_dtype or first_dtype)
+    acc = torch.zeros(shape, dtype=acc_dtype, device=device)
+    # Hold one input at a time: each reference is dropped before the next tensor is read, so the peak is the
+    # accumulator plus one input (keeping tensor 0 or the loop variable alive would add up to two more).
+    tensor: torch.Tensor | None = first
+    del first
     n = 0
-    for i, tensor in enumerate(_chain(first, iterator)):
-        n += 1
+    while tensor is not None:
+        i, n = n, n + 1
         if i >= len(weights):
             raise SoupsError(f"weighted_sum got more tensors than the {len(weights)} weights")
-        if tensor.shape != first.shape:
-            raise SoupsError(f"weighted_sum: tensor {i} has shape {tuple(tensor.shape)}, tensor 0 {tuple(first.shape)}")
+        if tensor.shape != shape:
+            raise SoupsError(f"weighted_sum: tensor {i} has shape {tuple(tensor.shape)}, tensor 0 {tuple(shape)}")
         if not tensor.dtype.is_floating_point:
-            raise SoupsError(f"weighted_sum: tensor {i} is {tensor.dtype} but tensor 0 is {first.dtype}")
-        if weights[i] == 0.0:
-            continue
-        acc.add_(tensor.to(device=device, dtype=acc_dtype), alpha=float(weights[i]))
+            raise SoupsError(f"weighted_sum: tensor {i} is {tensor.dtype} but tensor 0 is {first_dtype}")
+        if weights[i] != 0.0:
+            acc.add_(tensor.to(device=device, dtype=acc_dtype), alpha=float(weights[i]))
+        tensor = None
+        tensor = next(iterator, None)
     if n != len(weights):
         raise SoupsError(f"weighted_sum got {n} tensors for {len(weights)} weights")
-    return acc.to(out_dtype or first.dtype)
-
-
-def _chain(first: torch.Tensor, rest: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
-    yield first
-    yield from rest
+    return acc.to(out_dtype or first_dtype)
 
 
 @dataclass
@@ -355,6 +356,7 @@ class Interpolation:
             if out.dtype.is_floating_point and not bool(torch.isfinite(out).all()):
                 raise SoupsError(self._non_finite_message(key, holders, weights))
             yield key, out
+            del out  # the consumer holds the tensor now; do not keep it alive while the next one is computed
 
     def _non_finite_message(self, key: str, holders: Sequence[int], weights: Sequence[float]) -> str:
         for i, w in zip(holders, weights):

@@ -210,6 +210,7 @@ def _write_planned(directory: Path, stream: Iterator[tuple[str, torch.Tensor]], 
             if key not in owner:
                 raise SoupsError(f"tensor {key!r} was not announced in the stream's specs")
             files[owner[key]].write(key, tensor)
+            del tensor  # on disk now; do not hold it while the stream computes the next one
             bar.update(1)
     finally:
         for f in files:
