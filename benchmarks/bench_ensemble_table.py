@@ -1,7 +1,7 @@
 """The diverse-ensembles table: every method at M = 4 on RotatedDigits, offline on CPU.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_ensemble_table.py --out runs/ensemble_table
-    python benchmarks/bench_ensemble_table.py --lambda-sweep --out runs/ensemble_lambda   # diversity vs λ
+    OMP_NUM_THREADS=1 python benchmarks/bench_ensemble_table.py --out runs/ensemble_table
+    OMP_NUM_THREADS=1 python benchmarks/bench_ensemble_table.py --lambda-sweep --out runs/ensemble_lambda  # vs λ
 
 Each row is `vision/train_ensemble.py experiment=bench method=<name>` (one process, imports paid once):
 RotatedDigits 0°/15°/30° train (their 20 % out splits are the ID test set), 60° is the shifted domain,
@@ -11,19 +11,30 @@ prediction disagreement (share of member pairs whose argmax differ) and #unique 
 per sample), inference parameters and the forward time of a 512-image batch. Rows "… (soup)" are the uniform
 weight soup of the heads where the members share a backbone; methods whose soup is meaningless say why in
 metrics.json. Writes `<out>/table.md` and `<out>/<row>/metrics.json`.
+
+The λ sweep trains each diversity method at two λ > 0 (λ = 0 is the one deep run, shared) and reports, besides
+the common diversity metrics, the method's own diversity term evaluated on the ID test set (`own_term`).
+`--reuse` rebuilds a table from finished runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 from soups.utils import atomic_write_text
-from vision.train_ensemble import run
+from vision.data import make_splits
+from vision.ensembles import losses as L
+from vision.ensembles.methods import build_method
+from vision.train_ensemble import build_dataset, run
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs" / "train_ensemble")
 
@@ -44,21 +55,67 @@ ROWS: dict[str, list[str]] = {
     "fishr": ["method=fishr"],
 }
 
-# method -> λ values of the sweep (λ = 0 is the deep ensemble with the same seed)
+# method -> λ values of the sweep; λ = 0 is the same run for all of them (the deep ensemble, same seed: the
+# loss is then exactly the deep-ensemble loss, tests/vision/test_ensemble_methods.py), so it is run once.
 SWEEP: dict[str, list[float]] = {
-    "sed": [0.0, 0.5, 2.0],
-    "sdde": [0.0, 0.5, 2.0],
-    "gncl": [0.0, 0.5, 1.0],
-    "balanced": [0.0, 0.5, 1.0],
-    "attribution": [0.0, 10.0, 100.0],
+    "sed": [0.5, 2.0],
+    "sdde": [0.5, 2.0],
+    "gncl": [0.5, 1.0],
+    "ncl": [1.0, 4.0],
+    "balanced": [0.5, 1.0],
+    "attribution": [1.0, 4.0],  # the normalised attribution term lies in [0, 1] (vision.ensembles.losses)
 }
 
 
-def run_row(overrides: list[str], out: Path, extra: list[str]) -> dict[str, Any]:
-    """Composes the train_ensemble config with `experiment=bench` + overrides and runs it into `out`."""
+# method -> (its own diversity term, which way is more diverse)
+OWN_TERM: dict[str, tuple[str, str]] = {
+    "sed": ("α-weighted A2D, all pairs", "↓"),
+    "sdde": ("Grad-CAM cosine", "↓"),
+    "gncl": ("GNCL penalty", "↑"),
+    "ncl": ("NCL penalty (probs)", "↑"),
+    "balanced": ("none (CE of the mean logit)", ""),
+    "attribution": ("attribution variance", "↑"),
+}
+
+
+def run_row(overrides: list[str], out: Path, extra: list[str], reuse: bool = False) -> dict[str, Any]:
+    """Composes the train_ensemble config with `experiment=bench` + overrides and runs it into `out`
+    (with `reuse`, an existing `out/metrics.json` is read instead)."""
+    if reuse and (out / "metrics.json").exists():
+        return json.loads((out / "metrics.json").read_text())
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["experiment=bench", *overrides, f"output={out}", "overwrite=true", *extra])
     return run(cfg)
+
+
+def own_term(run_dir: Path, method: str) -> float:
+    """`method`'s own diversity term on the ID test set for the trained member ensemble saved in `run_dir`.
+
+    The weights of any member-ensemble run (the deep λ = 0 run included) are loaded into a `MemberEnsemble`
+    (eval mode, BatchNorm statistics fixed) whose diversity term is switched to `method`: SED over all pairs
+    (not the training step's random pair), GNCL / NCL penalties, SDDE's Grad-CAM cosine, the attribution
+    variance. NaN for `balanced`, whose extra term is a CE, not a diversity.
+    """
+    if method not in ("sed", "gncl", "ncl", "sdde", "attribution"):
+        return float("nan")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    dataset = build_dataset(cfg.dataset)
+    splits = make_splits(dataset, list(cfg.test_envs), float(cfg.dataset.holdout_fraction), int(cfg.trial_seed))
+    pairs = [splits.out_splits[i][j] for i in splits.source_domains for j in range(len(splits.out_splits[i]))]
+    x = torch.stack([p[0] for p in pairs])
+    y = torch.as_tensor([int(p[1]) for p in pairs])
+    m = int(cfg.num_members)
+    model = build_method(cfg.method, dataset.num_classes, int(dataset.input_shape[0]), m, None, int(cfg.seed))
+    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    model.eval()
+    model.diversity, model.lam = method, 1.0
+    with torch.enable_grad():
+        if method in ("sdde", "attribution"):
+            return model.training_loss([(x, y)], 1, 1)[1]["diversity"]
+        logits = model(x).detach()
+    if method == "sed":
+        return float(L.sed_diversity(logits, y))
+    return float(L.gncl_penalty(logits, "ce") if method == "gncl" else L.ncl_penalty(logits))
 
 
 def table_row(name: str, m: dict[str, Any]) -> str:
@@ -86,26 +143,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", nargs="*", default=list(ROWS), help=f"rows to run (default all: {list(ROWS)})")
     parser.add_argument("--lambda-sweep", action="store_true", help="diversity vs λ instead of the method table")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run (steps=...)")
+    parser.add_argument("--reuse", action="store_true", help="read finished runs' metrics.json instead of rerunning")
     args = parser.parse_args(argv)
     out = Path(args.out)
     lines = []
     if args.lambda_sweep:
-        lines += ["| method | λ | acc | NLL | disagr. | #unique | OOD AUROC |", "|" + " --- |" * 7]
+        lines += ["| method | λ | acc | member acc | NLL | disagr. | #unique | OOD AUROC | own term (test) | term |",
+                  "|" + " --- |" * 10]
+        deep = out / "deep_lam0.0"
+        run_row(["method=deep", "method.lam=0.0"], deep, args.override, args.reuse)
         for method, lams in SWEEP.items():
-            for lam in lams:
-                m = run_row([f"method={method}", f"method.lam={lam}"], out / f"{method}_lam{lam}", args.override)
+            for lam in [0.0, *lams]:  # λ = 0: the deep run (the loss is then exactly the deep-ensemble loss)
+                row = deep if lam == 0 else out / f"{method}_lam{lam}"
+                m = run_row([f"method={method}", f"method.lam={lam}"], row, args.override, args.reuse)
                 e = m["ensemble"]
-                lines.append(f"| {method} | {lam} | {e['accuracy']:.3f} | {e['nll']:.3f} | "
-                             f"{e['prediction_disagreement']:.3f} | {e['num_unique']:.3f} | {e['ood/msp/auroc']:.3f} |")
+                name, way = OWN_TERM[method]
+                lines.append(f"| {method} | {lam:g}{' (deep)' if lam == 0 else ''} | {e['accuracy']:.3f} | "
+                             f"{e['member_accuracy_mean']:.3f} | {e['nll']:.3f} | {e['prediction_disagreement']:.3f} | "
+                             f"{e['num_unique']:.3f} | {e['ood/msp/auroc']:.3f} | {own_term(row, method):.4f} | "
+                             f"{name} {way} |")
                 print(lines[-1], file=sys.stderr)
     else:
         lines.append(HEADER)
         for name in args.rows:
-            m = run_row(ROWS[name], out / name, args.override)
+            m = run_row(ROWS[name], out / name, args.override, args.reuse)
             lines.append(table_row(name, m))
+            print(lines[-1], file=sys.stderr)
             if "accuracy" in m["soup"]:
                 lines.append(soup_row(name, m))
-            print(lines[-1], file=sys.stderr)
+                print(lines[-1], file=sys.stderr)
     text = "\n".join(lines) + "\n"
     atomic_write_text(out / ("lambda.md" if args.lambda_sweep else "table.md"), text)
     print(text)

@@ -80,6 +80,17 @@ def test_gncl_ce_penalty_matches_autograd_hessian() -> None:
     assert L.gncl_penalty(z, "ce").item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_ncl_penalty_hand_worked_and_bounded() -> None:
+    # z¹ = [ln 3, 0] -> p¹ = [.75, .25]; z² = [0, ln 3] -> p² = [.25, .75]; p̄ = [.5, .5].
+    # d¹ = [.25, −.25], d¹ᵀd¹ = .125; same for d²: total .25, / (2M) = .25 / 4 = .0625.
+    z = torch.tensor([[[math.log(3.0), 0.0]], [[0.0, math.log(3.0)]]])
+    assert L.ncl_penalty(z).item() == pytest.approx(0.0625)
+    # logits blown apart: the logit penalty explodes, the probability one stays <= 1 (bounded objective).
+    far = torch.tensor([[[100.0, -100.0]], [[-100.0, 100.0]]])
+    assert L.gncl_penalty(far, "identity").item() > 1e3
+    assert L.ncl_penalty(far).item() <= 1.0
+
+
 def test_balanced_loss_endpoints() -> None:
     z, y = _logits()
     assert torch.allclose(L.balanced_loss(z, y, 1.0), F.cross_entropy(z.mean(0), y))
@@ -90,7 +101,10 @@ def test_balanced_loss_endpoints() -> None:
 def test_attribution_variance_hand_worked() -> None:
     # |grads| members [1, 3] and [3, 1]: per-position mean 2, population variance 1 and 1 -> sum 2.
     grads = torch.tensor([[[1.0, -3.0]], [[3.0, 1.0]]])
-    assert L.attribution_variance(grads).item() == pytest.approx(2.0)
+    assert L.attribution_variance(grads, normalize=False).item() == pytest.approx(2.0)
+    # normalised: both norms √10, so every value / √10 and every variance / 10 -> sum .2 (= 1 − ‖ā‖² = 1 − 8/10).
+    assert L.attribution_variance(grads).item() == pytest.approx(0.2)
+    assert L.attribution_variance(100 * grads).item() == pytest.approx(0.2)  # scale-free: bounded objective
     with pytest.raises(SoupsError, match="attribution"):
         L.attribution_variance(torch.ones(2, 3))
 
@@ -138,9 +152,10 @@ def test_cr_losses() -> None:
         lambda z, y, lam: L.sed_loss(z, y, lam, pair=(0, 2)),
         lambda z, y, lam: L.gncl_loss(z, y, lam, "ce"),
         lambda z, y, lam: L.gncl_loss(z, y, lam, "identity"),
+        L.ncl_loss,
         L.balanced_loss,
     ],
-    ids=["sed", "gncl", "ncl", "balanced"],
+    ids=["sed", "gncl", "ncl_logits", "ncl", "balanced"],
 )
 def test_lambda_zero_is_deep_ensemble_and_lambda_matters(loss) -> None:  # noqa: ANN001
     z, y = _logits()

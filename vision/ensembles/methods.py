@@ -100,7 +100,8 @@ class MemberEnsemble(nn.Module):
         heads: M heads mapping `[B, D]` to `[B, C]`.
         diversity: Name of the diversity term: none, sed, gncl, ncl, balanced, sdde, attribution, fishr.
         lam: λ, weight of the diversity term.
-        options: Method options (`sed_pair_size`, `sdde_border`, `fishr_ema`, `fishr_anneal_steps`).
+        options: Method options (`sed_pair_size`, `sdde_border`, `fishr_ema`, `fishr_anneal_steps`,
+            `ncl_outputs`, `attribution_normalize`).
         seed: Seed of the method's own random draws (SED pairs).
     """
 
@@ -157,8 +158,12 @@ class MemberEnsemble(nn.Module):
             pair = L.random_pair(self.num_members, self.generator, int(self.options.get("sed_pair_size", 2)))
             div = L.sed_diversity(logits, y, pair)
             loss = base + self.lam * div
-        elif self.diversity in ("gncl", "ncl"):
-            div = L.gncl_penalty(logits, "ce" if self.diversity == "gncl" else "identity")
+        elif self.diversity == "gncl":
+            div = L.gncl_penalty(logits, "ce")
+            loss = base - self.lam / self.num_members * div
+        elif self.diversity == "ncl":
+            div = L.ncl_penalty(logits) if self.options.get("ncl_outputs", "probs") == "probs" else (
+                L.gncl_penalty(logits, "identity"))
             loss = base - self.lam / self.num_members * div
         elif self.diversity == "balanced":
             loss = L.balanced_loss(logits, y, self.lam)
@@ -192,14 +197,15 @@ class MemberEnsemble(nn.Module):
         return loss, {"loss": _f(loss), "ce": _f(base), "diversity": _f(div)}
 
     def _attribution_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Logs]:
-        """mean CE − λ · attribution variance of |∂z_y/∂x| across members (double backprop)."""
+        """mean CE − λ · attribution variance of |∂z_y/∂x| (unit-normalised) across members (double backprop)."""
         x = x.detach().requires_grad_(self.lam != 0)
         logits = self(x)
         base = L.ensemble_ce(logits, y)
         if self.lam == 0:
             return base, {"loss": _f(base), "ce": _f(base)}
         grads = [torch.autograd.grad(z.gather(1, y[:, None]).sum(), x, create_graph=True)[0] for z in logits]
-        div = L.attribution_variance(torch.stack(grads))
+        normalize = bool(self.options.get("attribution_normalize", True))
+        div = L.attribution_variance(torch.stack(grads), normalize=normalize)
         loss = base - self.lam * div
         return loss, {"loss": _f(loss), "ce": _f(base), "diversity": _f(div)}
 
