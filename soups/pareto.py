@@ -464,7 +464,8 @@ def run_front(cfg: DictConfig) -> Path:
     from soups.simplex import simplex_grid
 
     # ---- set-up ------------------------------------------------------------------------------------------------
-    state = PartialState()
+    # cpu=True lets accelerate form a gloo group of CPU processes (torchrun / accelerate launch on a CPU machine)
+    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     device = state.device if cfg.device == "auto" else torch.device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     output = Path(cfg.output).absolute()

@@ -262,7 +262,6 @@ def test_existing_run_and_unknown_reward_are_clear_errors(tiny_model: Path, tmp_
                         task=Task())
 
 
-@pytest.mark.slow
 def test_accelerate_launch_cli_on_the_embedded_task(tiny_model: Path, tmp_path: Path) -> None:
     """The real entry point, launcher, task and rule rewards, end to end (one step)."""
     out = tmp_path / "cli"

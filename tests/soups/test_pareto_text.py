@@ -107,12 +107,12 @@ def test_text_evaluator_matches_evaluate_policy(tiny: tuple) -> None:
         assert stat.stderr == pytest.approx(reference["objectives"][name]["stderr"], abs=1e-6)
 
 
-def test_peft_ensemble_members_are_the_adapters(tiny: tuple, tmp_path: Path) -> None:
-    from peft import LoraConfig, PeftModel, get_peft_model
+def _two_random_adapters(base_model, tmp_path: Path) -> list[str]:
+    """Save `base_model` to tmp_path/base and two random (non-zero) LoRA adapters on it; returns their paths."""
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    tokenizer, (m0, _), samples = tiny
-    m0.save_pretrained(tmp_path / "base")
+    base_model.save_pretrained(tmp_path / "base")
     adapters = []
     for seed in (0, 1):
         torch.manual_seed(seed)
@@ -120,6 +120,15 @@ def test_peft_ensemble_members_are_the_adapters(tiny: tuple, tmp_path: Path) -> 
         peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), lora)
         peft_model.save_pretrained(tmp_path / f"a{seed}")
         adapters.append(str(tmp_path / f"a{seed}"))
+    return adapters
+
+
+def test_peft_ensemble_members_are_the_adapters(tiny: tuple, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, (m0, _), samples = tiny
+    adapters = _two_random_adapters(m0, tmp_path)
     _, members = load_ensemble(adapters, str(tmp_path / "base"), torch.device("cpu"))
     prompts = [s["prompt"] for s in samples]
     outputs = []
@@ -128,3 +137,30 @@ def test_peft_ensemble_members_are_the_adapters(tiny: tuple, tmp_path: Path) -> 
         outputs.append(_generate(alone, tokenizer, prompts, 8))
         assert torch.equal(_decode(members, [1.0 - i, float(i)], tokenizer, prompts, 8), outputs[-1])
     assert not torch.equal(outputs[0], outputs[1])  # the adapters really differ
+
+
+def test_two_processes_give_the_single_process_front(tiny: tuple, tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m soups.pareto`: λ points split over 2 CPU processes (gloo), gathered on rank 0,
+    give exactly the rows of a single-process run."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    tokenizer, (m0, _), _ = tiny
+    tokenizer.save_pretrained(tmp_path / "base")
+    experts = _two_random_adapters(m0, tmp_path)
+    args = [f"experts=[{experts[0]},{experts[1]}]", f"init={tmp_path / 'base'}", "grid.n_points=5",
+            "evaluator.task={name:facts_summary,seed:3,n_train:0,n_eval:6}",
+            "evaluator.reward={objectives:[complete,faithful],optimize:complete}", "evaluator.n_prompts=6",
+            "evaluator.max_new_tokens=8", f"evaluator.tokenizer={tmp_path / 'base'}"]  # fmt: skip
+    fronts = {}
+    for name, launcher in (("one", [sys.executable, "-m", "soups.pareto"]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                    "--master_port", "29561", "-m", "soups.pareto"])):  # fmt: skip
+        proc = subprocess.run([*launcher, *args, f"output={tmp_path / name}"], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        fronts[name] = [json.loads(line) for line in (tmp_path / name / "front.jsonl").read_text().splitlines()]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    assert len(fronts["one"]) == 6 and fronts["one"] == fronts["two"]
