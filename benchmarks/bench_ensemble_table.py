@@ -60,8 +60,8 @@ ROWS: dict[str, list[str]] = {
 SWEEP: dict[str, list[float]] = {
     "sed": [0.5, 2.0],
     "sdde": [0.5, 2.0],
-    "gncl": [0.5, 1.0],
-    "ncl": [1.0, 4.0],
+    "gncl": [0.5, 1.0, 2.0, 4.0],  # λ = M = 4: the members' second-order loss is the ensemble's (diverges here)
+    "ncl": [1.0, 4.0, 16.0, 64.0],  # its bounded penalty is small: λ ≤ 4 barely moves it
     "balanced": [0.5, 1.0],
     "attribution": [1.0, 4.0],  # the normalised attribution term lies in [0, 1] (vision.ensembles.losses)
 }
@@ -133,6 +133,13 @@ def soup_row(name: str, m: dict[str, Any]) -> str:
             f"{s['forward_ms']:.1f} |")
 
 
+def combine_row(name: str, m: dict[str, Any]) -> str:
+    e, lg, s = m["ensemble"], m["ensemble_logit_average"], m["soup"]
+    soup = f"{s['accuracy']:.3f} / {s['nll']:.3f}" if "accuracy" in s else "skipped"
+    return (f"| {name} | {e['member_accuracy_mean']:.3f} | {e['accuracy']:.3f} / {e['nll']:.3f} | "
+            f"{lg['accuracy']:.3f} / {lg['nll']:.3f} | {m['vote_accuracy']:.3f} | {soup} |")
+
+
 HEADER = ("| method | acc | NLL | ECE | Brier | OOD AUROC | FPR95 | disagr. | #unique | 60° acc | params | fwd ms |\n"
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
@@ -165,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(lines[-1], file=sys.stderr)
     else:
         lines.append(HEADER)
+        combined = ["", "| method | mean member acc | avg probs acc / NLL | avg logits acc / NLL | majority vote acc | "
+                    "uniform weight soup acc / NLL |", "|" + " --- |" * 6]
         for name in args.rows:
             m = run_row(ROWS[name], out / name, args.override, args.reuse)
             lines.append(table_row(name, m))
@@ -172,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
             if "accuracy" in m["soup"]:
                 lines.append(soup_row(name, m))
                 print(lines[-1], file=sys.stderr)
+            combined.append(combine_row(name, m))
+        lines += combined
     text = "\n".join(lines) + "\n"
     atomic_write_text(out / ("lambda.md" if args.lambda_sweep else "table.md"), text)
     print(text)
