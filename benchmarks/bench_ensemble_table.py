@@ -8,11 +8,12 @@ RotatedDigits 0°/15°/30° train (their 20 % out splits are the ID test set), 6
 and TransformedDigits noise + invert digits are the OOD set. Columns come from `evals.ensemble` with averaged
 probabilities: accuracy, NLL, ECE (15 bins), Brier, OOD AUROC and FPR95 with the MSP score (OOD positive),
 prediction disagreement (share of member pairs whose argmax differ) and #unique (distinct member predictions
-per sample), inference parameters and the forward time of a 512-image batch. Rows "… (soup)" are the uniform
-weight soup of the heads where the members share a backbone; methods whose soup is meaningless say why in
-metrics.json. Writes `<out>/table.md` and `<out>/<row>/metrics.json`.
+per sample), inference parameters and the forward time of one ID test batch (min(512, 268) images).
+Rows "… (soup)" are the uniform weight soup of the heads where the members share a backbone; methods whose
+soup is meaningless say why in metrics.json. A second table compares the ways of combining the members
+(averaged probabilities / logits, majority vote, soup). Writes `<out>/table.md` and `<out>/<row>/metrics.json`.
 
-The λ sweep trains each diversity method at two λ > 0 (λ = 0 is the one deep run, shared) and reports, besides
+The λ sweep trains each diversity method at several λ > 0 (λ = 0 is the one deep run, shared) and reports, besides
 the common diversity metrics, the method's own diversity term evaluated on the ID test set (`own_term`).
 `--reuse` rebuilds a table from finished runs.
 """
