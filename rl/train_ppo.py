@@ -326,12 +326,16 @@ def train(cfg: DictConfig, *, reward_set: Any = None, task: Any = None) -> Path:
     names = list(reward_set.names)
     name_or_path = cfg.model.name_or_path
     if not name_or_path:  # the embedded task's SFT init, built once (rank 0 first, the others reuse it)
+        # Building it draws random numbers; restore the run's RNG afterwards, so the LoRA init and every rollout
+        # are the same whether the init was just built or found in the cache.
+        state_before_sft = rng_state()
         with accelerator.main_process_first():
             sft_cfg = OmegaConf.to_container(cfg.model.sft, resolve=True)
             name_or_path = str(ensure_sft_init(sft_cfg.get("dir"), seed=int(sft_cfg.get("seed", 0)),
                                                smoke=bool(sft_cfg.get("smoke", False)),
                                                overrides=sft_cfg.get("overrides") or None,
                                                show_progress=accelerator.is_main_process))
+        set_rng_state(state_before_sft)
     tokenizer = load_tokenizer(str(name_or_path), bool(cfg.model.trust_remote_code))
     model = ActorCritic(build_policy(cfg.model, cfg.lora, str(name_or_path)), float(cfg.value_head.dropout))
     if p.disable_dropout:

@@ -59,6 +59,16 @@ def test_stage_overrides_compose_in_their_entry_points(tmp_path: Path) -> None:
     assert list(mix.weights) == [0.5, 0.5] and mix.output == str(out / "soup")
 
 
+def test_experts_train_on_responses_as_long_as_the_front_evaluates(tmp_path: Path) -> None:
+    # Trained on shorter responses than the front is scored on, the completeness expert saw summaries cut
+    # mid-sentence (its reward capped, and jumping with the length drawn per batch) and ended below its init.
+    cfg = _cfg(tmp_path)
+    out = tmp_path / "qs"
+    expert = compose_entry("train_ppo", train_overrides(cfg, "complete", out / "experts" / "complete"))
+    front = compose_entry("pareto", pareto_overrides(cfg, [out / "experts" / "complete"], []))
+    assert min(expert.generation.response_length) >= front.evaluator.max_new_tokens
+
+
 def _front_row(kind: str, name: str, complete: tuple[float, float], faithful: tuple[float, float]) -> dict:
     return {"kind": kind, "name": name, "lambda": None, "n": 100, "seed": 0, "path": None,
             "objectives": {"complete": {"mean": complete[0], "stderr": complete[1], "n": 100},

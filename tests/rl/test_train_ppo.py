@@ -207,6 +207,29 @@ def test_lora_moves_base_frozen_and_everything_logged(tiny_model: Path, tmp_path
     assert {"objective/red", "objective/the", "ppo/loss_policy"} <= tags
 
 
+def test_building_the_sft_init_does_not_change_the_run(tiny_model: Path, tmp_path: Path, monkeypatch) -> None:
+    # The first default run builds the SFT init (drawing random numbers), later ones find it cached: both must
+    # train the same expert (the LoRA init and the rollouts come from the run's seed only).
+    import random
+
+    import numpy as np
+
+    import rl.tasks
+
+    def build(*args, **kwargs) -> Path:  # stands in for a fresh build: it draws from every global RNG
+        torch.rand(1000), random.random(), np.random.rand(10)
+        return tiny_model
+
+    cached = train_ppo.train(make_cfg(tiny_model, tmp_path / "cached", "ppo.steps=1"), reward_set=rewards(),
+                             task=Task())
+    monkeypatch.setattr(rl.tasks, "ensure_sft_init", build)
+    cfg = make_cfg(tiny_model, tmp_path / "built", "ppo.steps=1")
+    cfg.model.name_or_path = None
+    built = train_ppo.train(cfg, reward_set=rewards(), task=Task())
+    a, b = _adapter(cached), _adapter(built)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_is_exact(tiny_model: Path, tmp_path: Path) -> None:
     straight = train_ppo.train(make_cfg(tiny_model, tmp_path / "a", "ppo.steps=4"), reward_set=rewards(), task=Task())
 
