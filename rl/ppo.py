@@ -3,7 +3,7 @@
 Everything here is a small pure function on tensors of shape [B, T] (B sequences, T response tokens) with a
 0/1 `mask` of the same shape marking real response tokens (1) and right padding after EOS (0). These are
 written by hand rather than imported from trl because trl's PPO was moved to `trl.experimental` and is
-removed after 1.12 (see docs/readme/rl_ppo.md); the formulas follow Schulman et al. 2017 (PPO), Schulman
+removed after 1.12 (see the README's PPO section); the formulas follow Schulman et al. 2017 (PPO), Schulman
 et al. 2016 (GAE), Ziegler et al. 2019 (KL penalty, adaptive controller) and Schulman's "Approximating KL
 divergence" note (k1/k2/k3 estimators).
 """
