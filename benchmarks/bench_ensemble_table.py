@@ -16,12 +16,23 @@ soup is meaningless say why in metrics.json. A second table compares the ways of
 The λ sweep trains each diversity method at several λ > 0 (λ = 0 is the one deep run, shared) and reports, besides
 the common diversity metrics, the method's own diversity term evaluated on the ID test set (`own_term`).
 `--reuse` rebuilds a table from finished runs.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_ensemble_table.py --retime --out runs/ensemble_table  # fwd ms only
+
+`--retime` re-measures the `fwd ms` column without training, for a quiet machine: every finished row (and its
+soup) is rebuilt from its `config.yaml` and `model.safetensors` (`vision.train_ensemble.load_run`), checked to
+reproduce its stored ID accuracy, NLL and parameter count, then timed with the same `forward_ms` on the same
+batch, round-robin over `--rounds` rounds (each round starts one row later) so that drift hits every row alike;
+the column is the median over rounds. Writes `<out>/retime.json` and `<out>/table.md` with the new column; the
+rows' `metrics.json` are left as trained.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,11 +42,21 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from soups.utils import atomic_write_text
+from evals.ensemble import evaluate_ensemble
+from soups.utils import SoupsError, atomic_write_text, write_json
 from vision.data import make_splits
 from vision.ensembles import losses as L
 from vision.ensembles.methods import build_method
-from vision.train_ensemble import build_dataset, run
+from vision.train_ensemble import (
+    build_dataset,
+    forward_batch,
+    forward_ms,
+    id_test_set,
+    inference_parameters,
+    load_run,
+    member_logits,
+    run,
+)
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs" / "train_ensemble")
 
@@ -119,6 +140,61 @@ def own_term(run_dir: Path, method: str) -> float:
     return float(L.gncl_penalty(logits, "ce") if method == "gncl" else L.ncl_penalty(logits))
 
 
+def _check_reload(label: str, logits: torch.Tensor, labels: torch.Tensor, stored: dict[str, Any]) -> dict[str, float]:
+    """Accuracy / NLL of the reloaded model's averaged probabilities against the stored ones.
+
+    Raises:
+        SoupsError: they differ (accuracy by any sample, NLL by more than 1e-4): the weights were not reloaded.
+    """
+    e = evaluate_ensemble(logits, labels, None, combine="probs")
+    if abs(e["accuracy"] - stored["accuracy"]) > 1e-9 or abs(e["nll"] - stored["nll"]) > 1e-4:
+        raise SoupsError(f"{label}: reloaded model gives acc {e['accuracy']:.4f} nll {e['nll']:.5f}, metrics.json "
+                         f"says acc {stored['accuracy']:.4f} nll {stored['nll']:.5f}: wrong load")
+    return {"accuracy": e["accuracy"], "nll": e["nll"], "stored_nll": stored["nll"]}
+
+
+def retime(out: Path, rows: list[str], rounds: int) -> dict[str, Any]:
+    """Re-measures `forward_ms` of every finished row in `out` (and of its soup), without training.
+
+    Each row is rebuilt by `load_run`, checked against its `metrics.json` (ID accuracy and NLL of p̄, the soup's
+    too, parameters, batch size), then all models are timed round-robin: `rounds` rounds, each calling
+    `forward_ms` (1 warm-up + median of 5 forwards) once per model, the start rotating by one row per round.
+
+    Returns:
+        `{"forward_ms": {label: median over rounds}, "rounds": {label: [per-round ms]}, "checks": ..., ...}`.
+    """
+    models: list[tuple[str, torch.nn.Module, torch.Tensor]] = []
+    checks: dict[str, Any] = {}
+    for name in rows:
+        stored = json.loads((out / name / "metrics.json").read_text())
+        cfg, model, splits = load_run(out / name)
+        bs = int(cfg.eval_batch_size)
+        id_test = id_test_set(splits)
+        cpu = torch.device("cpu")
+        logits, labels = member_logits(model, id_test, cpu, bs)
+        checks[name] = _check_reload(name, logits, labels, stored["ensemble"])
+        params = inference_parameters(model)
+        x = forward_batch(id_test, bs)
+        if params != stored["parameters"] or x.shape[0] != stored["forward_batch"]:
+            raise SoupsError(f"{name}: reloaded model has {params} parameters and a {x.shape[0]}-image batch, "
+                             f"metrics.json says {stored['parameters']} and {stored['forward_batch']}")
+        models.append((name, model, x))
+        if "accuracy" in stored["soup"]:
+            soup = model.soup()
+            s_logits, _ = member_logits(soup, id_test, cpu, bs)
+            checks[f"{name} (soup)"] = _check_reload(f"{name} (soup)", s_logits, labels, stored["soup"])
+            models.append((f"{name} (soup)", soup, x))
+        print(f"reloaded {name}: acc {checks[name]['accuracy']:.4f} = metrics.json", file=sys.stderr)
+    times: dict[str, list[float]] = {label: [] for label, _, _ in models}
+    for r in range(rounds):
+        for label, model, x in models[r % len(models):] + models[:r % len(models)]:
+            times[label].append(forward_ms(model, x))
+        print(f"round {r + 1}/{rounds} done", file=sys.stderr)
+    return {"forward_ms": {k: statistics.median(v) for k, v in times.items()}, "rounds": times, "checks": checks,
+            "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "command": " ".join(sys.argv)}
+
+
 def table_row(name: str, m: dict[str, Any]) -> str:
     e = m["ensemble"]
     return (f"| {name} | {e['accuracy']:.3f} | {e['nll']:.3f} | {e['ece']:.3f} | {e['brier']:.3f} | "
@@ -152,9 +228,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lambda-sweep", action="store_true", help="diversity vs λ instead of the method table")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run (steps=...)")
     parser.add_argument("--reuse", action="store_true", help="read finished runs' metrics.json instead of rerunning")
+    parser.add_argument("--retime", action="store_true",
+                        help="re-measure only the fwd ms column of finished runs (reloaded and checked, no training)")
+    parser.add_argument("--rounds", type=int, default=41, help="--retime: round-robin rounds (median reported)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     lines = []
+    timed: dict[str, float] = {}
+    if args.retime:
+        if args.lambda_sweep:
+            raise SoupsError("--retime re-measures the method table; drop --lambda-sweep")
+        result = retime(out, args.rows, args.rounds)
+        write_json(out / "retime.json", result)
+        timed, args.reuse = result["forward_ms"], True
     if args.lambda_sweep:
         lines += ["| method | λ | acc | member acc | NLL | disagr. | #unique | OOD AUROC | own term (test) | term |",
                   "|" + " --- |" * 10]
@@ -177,6 +263,10 @@ def main(argv: list[str] | None = None) -> None:
                     "uniform weight soup acc / NLL |", "|" + " --- |" * 6]
         for name in args.rows:
             m = run_row(ROWS[name], out / name, args.override, args.reuse)
+            if timed:  # --retime: the re-measured column replaces the stored one in the table only
+                m["forward_ms"] = timed[name]
+                if "accuracy" in m["soup"]:
+                    m["soup"]["forward_ms"] = timed[f"{name} (soup)"]
             lines.append(table_row(name, m))
             print(lines[-1], file=sys.stderr)
             if "accuracy" in m["soup"]:

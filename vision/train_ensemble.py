@@ -77,12 +77,16 @@ def build_ood_set(cfg: Mapping[str, Any], input_shape: Sequence[int], num_classe
 
 
 def pretrain_backbone(cfg: Mapping[str, Any], loaders: Sequence[Any], num_classes: int, in_chans: int,
-                      device: torch.device, lr: float, progress: bool) -> nn.Module:
-    """The shared frozen featurizer of shallow ensembles: loaded from `pretrained`, or ERM for `backbone_steps`."""
+                      device: torch.device, lr: float, progress: bool, train: bool = True) -> nn.Module:
+    """The shared frozen featurizer of shallow ensembles: loaded from `pretrained`, or ERM for `backbone_steps`.
+
+    With `train=False` it is only the (frozen, untrained) architecture, for loading saved weights into: nothing
+    is read from `pretrained` and `loaders` is not used.
+    """
     m = cfg["method"]
-    model = build_model(str(m["backbone"]), num_classes, pretrained=m.get("pretrained"), in_chans=in_chans,
-                        **dict(m.get("backbone_kwargs") or {})).to(device)
-    steps = 0 if m.get("pretrained") else int(m.get("backbone_steps", 0))
+    model = build_model(str(m["backbone"]), num_classes, pretrained=m.get("pretrained") if train else None,
+                        in_chans=in_chans, **dict(m.get("backbone_kwargs") or {})).to(device)
+    steps = 0 if m.get("pretrained") or not train else int(m.get("backbone_steps", 0))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in tqdm(range(steps), desc="pretrain shared backbone (ERM)", disable=not progress):
@@ -94,6 +98,48 @@ def pretrain_backbone(cfg: Mapping[str, Any], loaders: Sequence[Any], num_classe
     featurizer = model.featurizer.eval()
     featurizer.requires_grad_(False)
     return featurizer
+
+
+def build_ensemble(cfg: DictConfig, num_classes: int, in_chans: int, device: torch.device,
+                   loaders: Sequence[Any] | None = None) -> nn.Module:
+    """The method's model on `device` (`vision.ensembles.methods.build_method`).
+
+    Shallow ensembles and SED's partial mode (`frozen_backbone: true`) get their frozen featurizer: pretrained
+    over `loaders` (or loaded from `pretrained`) for training, or, with `loaders=None`, its untrained
+    architecture, which `load_run` fills from `model.safetensors`.
+    """
+    frozen = None
+    if cfg.method.name == "shallow" or cfg.method.get("frozen_backbone", False):
+        frozen = pretrain_backbone(cfg, loaders or [], num_classes, in_chans, device, float(cfg.lr),
+                                   bool(cfg.progress), train=loaders is not None)
+    return build_method(cfg.method, num_classes, in_chans, int(cfg.num_members), frozen, int(cfg.seed)).to(device)
+
+
+def load_run(run_dir: str | Path, device: torch.device | None = None) -> tuple[DictConfig, nn.Module, Any]:
+    """A finished run rebuilt from its saved `config.yaml` and `model.safetensors` (strict load, eval mode).
+
+    Returns:
+        The run's config, the model, and its data splits (`vision.data.make_splits`, as in `run`).
+
+    Raises:
+        SoupsError: `run_dir` lacks `config.yaml` or `model.safetensors`, or the weights do not fit the model.
+    """
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "model.safetensors"):
+        if not (run_dir / name).is_file():
+            raise SoupsError(f"{run_dir / name} not found: not a finished train_ensemble run")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    device = device or torch.device("cpu")
+    dataset = build_dataset(cfg.dataset)
+    splits = make_splits(dataset, list(cfg.test_envs), float(cfg.dataset.holdout_fraction), int(cfg.trial_seed))
+    model = build_ensemble(cfg, dataset.num_classes, int(dataset.input_shape[0]), device)
+    try:
+        model.load_state_dict(load_file(str(run_dir / "model.safetensors"), device=str(device)))
+    except RuntimeError as err:
+        raise SoupsError(f"{run_dir / 'model.safetensors'} does not fit {cfg.method.name}: {err}") from err
+    return cfg, model.eval(), splits
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -110,6 +156,16 @@ def member_logits(model: nn.Module, data: Dataset, device: torch.device, batch_s
         outs.append(model(x.to(device)).float().cpu())
         labels.append(torch.as_tensor(y))
     return torch.cat(outs, dim=1), torch.cat(labels)
+
+
+def id_test_set(splits: Any) -> Dataset:
+    """The in-distribution test set: the source domains' out splits, in domain order."""
+    return ConcatDataset([splits.out_splits[i] for i in splits.source_domains])
+
+
+def forward_batch(id_test: Dataset, batch_size: int) -> Tensor:
+    """`[min(batch_size, N), C, H, W]`: the first images of `id_test`, the batch whose forward is timed."""
+    return torch.stack([id_test[i][0] for i in range(min(batch_size, len(id_test)))])
 
 
 @torch.no_grad()
@@ -164,13 +220,10 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     in_chans = int(dataset.input_shape[0])
     loaders = [infinite_batches(splits.in_splits[i], int(cfg.batch_size), seed + i) for i in splits.source_domains]
     progress = bool(cfg.progress)
-    frozen = None
-    if cfg.method.name == "shallow" or cfg.method.get("frozen_backbone", False):
-        frozen = pretrain_backbone(cfg, loaders, dataset.num_classes, in_chans, device, float(cfg.lr), progress)
-    model = build_method(cfg.method, dataset.num_classes, in_chans, int(cfg.num_members), frozen, seed).to(device)
+    model = build_ensemble(cfg, dataset.num_classes, in_chans, device, loaders)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
-    id_test = ConcatDataset([splits.out_splits[i] for i in splits.source_domains])
+    id_test = id_test_set(splits)
     ood_set = build_ood_set(cfg, dataset.input_shape, dataset.num_classes, seed)
     steps, log_every = int(cfg.steps), int(cfg.log_every)
 
@@ -213,7 +266,7 @@ def evaluate(cfg: DictConfig, model: nn.Module, id_test: Dataset, ood_set: Datas
     bs = int(cfg.eval_batch_size)
     logits, labels = member_logits(model, id_test, device, bs)
     ood_logits = member_logits(model, ood_set, device, bs)[0] if ood_set is not None else None
-    x = torch.stack([id_test[i][0] for i in range(min(bs, len(id_test)))]).to(device)
+    x = forward_batch(id_test, bs).to(device)
     result: dict[str, Any] = {
         "method": str(cfg.method.name),
         "lam": float(cfg.method.get("lam", 0.0)),
