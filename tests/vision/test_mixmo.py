@@ -73,3 +73,12 @@ def test_mixmo_net_and_loss_backprop() -> None:
     assert torch.isfinite(loss) and all(p.grad is not None for p in net.inputs.parameters())
     with pytest.raises(SoupsError, match="at least 2 members"):
         mixmo.MixMoNet(nn.Identity(), 1, 4, 4, 3, 1)
+
+
+def test_inference_fuses_the_member_encoders_into_one_convolution() -> None:
+    # Σ_m (W_m * x + b_m) = (Σ_m W_m) * x + Σ_m b_m: the fused forward equals the M encoders run and summed
+    net = _tiny()
+    x = torch.randn(5, 1, 6, 6)
+    summed = net.encode(x.unsqueeze(0).expand(net.num_members, *x.shape)).sum(0)
+    torch.testing.assert_close(net.fused_input(x), summed, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net(x), net.heads_forward(summed), rtol=1e-5, atol=1e-6)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from soups.utils import SoupsError
@@ -145,9 +146,22 @@ class MixMoNet(nn.Module):
         feats = self.core(mixed)
         return torch.stack([head(feats) for head in self.heads])
 
+    def fused_input(self, x: Tensor) -> Tensor:
+        """Σ_m c_m(x) for one input `[B, Cin, H, W]` → `[B, K, H, W]`, as ONE convolution.
+
+        Convolution is linear in its weights, so Σ_m (W_m * x + b_m) = (Σ_m W_m) * x + Σ_m b_m: at inference,
+        where every member sees the same image, the M encoders cost one (equal to `encode(...).sum(0)` up to
+        float rounding, tested).
+        """
+        first = self.inputs[0]
+        weight = torch.stack([conv.weight for conv in self.inputs]).sum(0)
+        bias = torch.stack([conv.bias for conv in self.inputs]).sum(0) if first.bias is not None else None
+        return F.conv2d(x, weight, bias, stride=first.stride, padding=first.padding, dilation=first.dilation,
+                        groups=first.groups)
+
     def forward(self, x: Tensor) -> Tensor:
         """Inference: the core sees Σ_m c_m(x); returns `[M, B, C]` (average them to predict)."""
-        return self.heads_forward(self.encode(x.unsqueeze(0).expand(self.num_members, *x.shape)).sum(0))
+        return self.heads_forward(self.fused_input(x))
 
 
 def mixmo_loss(
