@@ -43,7 +43,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from evals.ensemble import evaluate_ensemble
-from soups.utils import SoupsError, atomic_write_text, write_json
+from soups.utils import SoupsError, atomic_write_text, steady_malloc, write_json
 from vision.data import make_splits
 from vision.ensembles import losses as L
 from vision.ensembles.methods import build_method
@@ -151,27 +151,6 @@ def _check_reload(label: str, logits: torch.Tensor, labels: torch.Tensor, stored
         raise SoupsError(f"{label}: reloaded model gives acc {e['accuracy']:.4f} nll {e['nll']:.5f}, metrics.json "
                          f"says acc {stored['accuracy']:.4f} nll {stored['nll']:.5f}: wrong load")
     return {"accuracy": e["accuracy"], "nll": e["nll"], "stored_nll": stored["nll"]}
-
-
-def steady_malloc() -> bool:
-    """Keeps freed memory inside the process (glibc `mallopt`), for stable forward times.
-
-    By default glibc serves large blocks (the activations of a forward) with mmap and returns freed ones to the
-    OS, so every forward pays fresh page faults, and how many depends on the allocator's history: the same
-    packed model timed at 5 ms in one process and 15 ms in another. A fixed mmap threshold at its 32 MiB maximum
-    and no trimming remove that (packed 5.0 / 5.1 ms, MixMo 4.3 / 4.6 ms over two processes). Returns whether it
-    applied (False off glibc).
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-        fixed_mmap = bool(libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024))
-        return fixed_mmap and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
 
 
 def retime(out: Path, rows: list[str], rounds: int) -> dict[str, Any]:

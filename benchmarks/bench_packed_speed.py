@@ -17,6 +17,7 @@ import time
 import torch
 from torch import nn
 
+from soups.utils import steady_malloc
 from vision.ensembles.packed import packed_resnet18
 
 
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per model")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     args = parser.parse_args(argv)
+    steady_malloc()  # no per-forward page faults from glibc returning activation blocks to the OS
     torch.manual_seed(0)
     device = torch.device(args.device)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)

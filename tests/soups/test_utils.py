@@ -75,3 +75,13 @@ def test_seed_config_and_json(tmp_path: Path) -> None:
     assert "lr: 1.0e-05" in path.read_text()
     write_json(tmp_path / "s.json", {"p": tmp_path, "t": torch.tensor([1.0, 2.0])})
     assert json.loads((tmp_path / "s.json").read_text()) == {"p": str(tmp_path), "t": [1.0, 2.0]}
+
+
+def test_steady_malloc_applies_on_glibc() -> None:
+    import platform
+
+    from soups.utils import steady_malloc
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert steady_malloc() is True
