@@ -92,7 +92,7 @@ class Run:
 
 
 def load_runs(sweep_dir: str | Path, stage: str = "ft") -> list[Run]:
-    """Every finished run of `stage` under `<sweep_dir>/runs` (sorted by path, so the order is stable).
+    """Every finished run of `stage` under `<sweep_dir>/runs`, in a stable order that depends on their configs only.
 
     Raises:
         SoupsError: no such directory, or no finished run of that stage.
@@ -110,6 +110,12 @@ def load_runs(sweep_dir: str | Path, stage: str = "ft") -> list[Run]:
         runs.append(Run(path, cfg, json.loads((path / "summary.json").read_text())))  # type: ignore[arg-type]
     if not runs:
         raise SoupsError(f"no finished {stage!r} run under {runs_dir}")
+    # Order by content, not by the hashed directory name: the hash covers paths inside the sweep dir, so the same
+    # sweep written elsewhere would list its runs in another order, and ties in validation accuracy (ERM pick,
+    # greedy ranking) would then break differently.
+    runs.sort(key=lambda r: (r.group, tuple(r.cfg["test_envs"]), int(r.cfg["trial_seed"]),
+                             int(r.cfg.get("hparams_seed", 0)), json.dumps(r.cfg.get("tags") or {}, sort_keys=True),
+                             r.path.name))  # fmt: skip
     return runs
 
 

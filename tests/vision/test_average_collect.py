@@ -143,3 +143,17 @@ def test_vision_domains_pareto_evaluator(tiny_sweep: Path) -> None:
     assert ensemble["acc_75deg"].mean == pytest.approx(p)
     with pytest.raises(SoupsError, match="unknown domain 'sideways'"):
         build_evaluator({"name": "vision_domains", "domains": ["sideways"]}, experts=experts, device="cpu")
+
+
+def test_run_order_depends_on_configs_not_directory_names(tiny_sweep: Path, tmp_path: Path) -> None:
+    # the same runs under names that sort the other way round: ties in val accuracy (ERM pick, greedy ranking)
+    # must break the same way, so the listing order must not change
+    import shutil
+
+    runs = sorted(p for p in (tiny_sweep / "runs").iterdir() if (p / "summary.json").is_file())
+    for i, path in enumerate(runs):
+        shutil.copytree(path, tmp_path / "runs" / f"{len(runs) - i:04d}-{path.name}")
+    identity = [(r.key, r.cfg["hparams_seed"], r.cfg["tags"].get("stage")) for r in load_runs(tiny_sweep)]
+    renamed = [(r.key, r.cfg["hparams_seed"], r.cfg["tags"].get("stage")) for r in load_runs(tmp_path)]
+    assert len(identity) >= 3 and renamed == identity
+    assert identity == sorted(identity, key=lambda t: (t[0], t[1]))  # grouped, then by hyper-parameter draw
