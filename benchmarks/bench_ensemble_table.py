@@ -39,16 +39,11 @@ from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from evals.ensemble import evaluate_ensemble
 from soups.utils import SoupsError, atomic_write_text, steady_malloc, write_json
-from vision.data import make_splits
 from vision.ensembles import losses as L
-from vision.ensembles.methods import build_method
 from vision.train_ensemble import (
-    build_dataset,
     forward_batch,
     forward_ms,
     id_test_set,
@@ -120,16 +115,11 @@ def own_term(run_dir: Path, method: str) -> float:
     """
     if method not in ("sed", "gncl", "ncl", "sdde", "attribution"):
         return float("nan")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    dataset = build_dataset(cfg.dataset)
-    splits = make_splits(dataset, list(cfg.test_envs), float(cfg.dataset.holdout_fraction), int(cfg.trial_seed))
-    pairs = [splits.out_splits[i][j] for i in splits.source_domains for j in range(len(splits.out_splits[i]))]
+    _, model, splits = load_run(run_dir)
+    id_test = id_test_set(splits)
+    pairs = [id_test[j] for j in range(len(id_test))]
     x = torch.stack([p[0] for p in pairs])
     y = torch.as_tensor([int(p[1]) for p in pairs])
-    m = int(cfg.num_members)
-    model = build_method(cfg.method, dataset.num_classes, int(dataset.input_shape[0]), m, None, int(cfg.seed))
-    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-    model.eval()
     model.diversity, model.lam = method, 1.0
     with torch.enable_grad():
         if method in ("sdde", "attribution"):

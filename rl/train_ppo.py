@@ -299,8 +299,8 @@ def train(cfg: DictConfig, *, reward_set: Any = None, task: Any = None) -> Path:
     out = Path(cfg.output_dir).absolute()
     ckpt_root, final_dir, metrics_path = out / "checkpoints", out / "adapter", out / "metrics.jsonl"
     accelerator = Accelerator(
-        # without CUDA, cpu=True lets torchrun / `accelerate launch --num_processes N` form a gloo group of CPU
-        # processes (DDP on CPU); with CUDA, accelerate picks the launcher's backend (NCCL, DeepSpeed, FSDP)
+        # without CUDA, cpu=True lets torchrun form a gloo group of CPU processes (DDP on CPU; `accelerate launch`
+        # starts one process on a GPU-less machine unless run under MPI); with CUDA, the launcher's backend is used
         cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=int(p.grad_accum_steps),
         mixed_precision=_mixed_precision(str(cfg.mixed_precision)),

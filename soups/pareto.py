@@ -464,7 +464,7 @@ def run_front(cfg: DictConfig) -> Path:
     from soups.simplex import simplex_grid
 
     # ---- set-up ------------------------------------------------------------------------------------------------
-    # cpu=True lets accelerate form a gloo group of CPU processes (torchrun / accelerate launch on a CPU machine)
+    # cpu=True lets accelerate form a gloo group of CPU processes (torchrun on a machine without CUDA)
     state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     device = state.device if cfg.device == "auto" else torch.device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
