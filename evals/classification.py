@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from soups.utils import SoupsError
+from evals.errors import SoupsError
 
 __all__ = ["accuracy", "adaptive_ece", "brier_score", "check_predictions", "ece", "nll"]
 

@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from soups.utils import SoupsError
+from evals.errors import SoupsError
 
 __all__ = [
     "correctness",

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from evals import classification, diversity, ood
-from soups.utils import SoupsError
+from evals.errors import SoupsError
 
 __all__ = ["evaluate_ensemble"]
 

@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision, binary_roc
 
-from soups.utils import SoupsError
+from evals.errors import SoupsError
 
 __all__ = [
     "OOD_SCORES",

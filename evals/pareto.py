@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from soups.simplex import simplex_grid
-from soups.utils import SoupsError
+from evals.errors import SoupsError
+from evals.simplex import simplex_grid
 
 __all__ = [
     "cardinality",

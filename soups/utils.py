@@ -18,11 +18,9 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from evals.errors import SoupsError  # defined in the lowest layer; re-exported so `soups.utils.SoupsError` still works
+
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class SoupsError(Exception):
-    """A user-facing error: bad input, named precisely in one line. CLIs print it and exit non-zero."""
 
 
 def cli_errors(fn: F) -> F:
