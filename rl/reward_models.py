@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from rl.rewards import CompleteReward, FaithfulReward, label_score
+from rl.rewards import REWARDS, CompleteReward, FaithfulReward, ModelReward, label_score
 from rl.tasks import (
     ENTITIES,
     RELATIONS,
@@ -307,3 +307,32 @@ def read_reward_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not info_path.exists():
         raise SoupsError(f"{path} has no {INFO_FILE}; build it with rl.reward_models.ensure_reward_models")
     return dict(json.loads(info_path.read_text())["reward"])
+
+
+@REWARDS.register("embedded_reward_model")
+def embedded_reward_model(
+    which: str,
+    *,
+    dir: str | None = None,  # noqa: A002 - the config key
+    seed: int = 0,
+    smoke: bool = False,
+    batch_size: int = 64,
+    device: str = "auto",
+    name: str | None = None,
+) -> ModelReward:
+    """A tiny reward model of the embedded task, built on first use if missing, then loaded by path through
+    `ModelReward`, the same code a Hub reward model goes through. Registered here, not in `rl.rewards` (which
+    names this module in `REWARD_MODULES`), so that the rule rewards do not import the models built on them.
+
+    Args:
+        which: "complete" or "faithful".
+        dir: Parent directory of the built models; default `<cache>/facts_summary_rm/seed<seed>[-smoke]`.
+        seed, smoke: Build settings (see `ensure_reward_models`).
+        batch_size, device: Scoring settings.
+        name: Objective name for messages.
+    """
+    if which not in RM_SPECS:
+        raise SoupsError(f"embedded_reward_model: which={which!r}; valid: {', '.join(RM_SPECS)}")
+    path = ensure_reward_models(dir, seed=seed, smoke=smoke)[which]
+    spec = read_reward_spec(path)
+    return ModelReward(str(path), **spec, batch_size=batch_size, device=device, name=name or which)

@@ -15,6 +15,8 @@ Objectives are picked by name from `REWARDS`:
 - `reward_model`: any HF `AutoModelForSequenceClassification` (Hub id or path), scored as the logit of one
   label or the difference of two labels, with a per-model input template (e.g. summary + document as a text
   pair for the faithfulness detector).
+- `embedded_reward_model`: a tiny reward model of the embedded task, trained on the rule rewards; registered by
+  `rl.reward_models`, which `REWARD_MODULES` names so it is imported on first use.
 
 The rule rewards are written here (not taken from a library) because they read the task's own fact triples;
 the running normaliser is a few lines of Welford/Chan updates, kept here so its state resumes exactly.
@@ -22,6 +24,7 @@ the running normaliser is a few lines of Welford/Chan updates, kept here so its 
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ from soups.utils import SoupsError
 
 __all__ = [
     "REWARDS",
+    "REWARD_MODULES",
     "ModelReward",
     "RewardSet",
     "RunningNormalizer",
@@ -44,6 +48,7 @@ __all__ = [
     "completeness_score",
     "count_statements",
     "faithfulness_score",
+    "get_reward",
     "scalarize",
 ]
 
@@ -55,6 +60,10 @@ class RewardFn(Protocol):
 
 
 REWARDS: Registry[Callable[..., RewardFn]] = Registry("reward")
+# Rewards registered by other modules, imported by name when first asked for. `rl.reward_models` trains its tiny
+# models on the rule rewards below, so it imports this module; naming it here (data) instead of importing it
+# keeps the dependency one-directional.
+REWARD_MODULES: dict[str, str] = {"embedded_reward_model": "rl.reward_models"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -369,36 +378,6 @@ class ModelReward:
 REWARDS.add("reward_model", ModelReward)
 
 
-@REWARDS.register("embedded_reward_model")
-def embedded_reward_model(
-    which: str,
-    *,
-    dir: str | None = None,  # noqa: A002 - the config key
-    seed: int = 0,
-    smoke: bool = False,
-    batch_size: int = 64,
-    device: str = "auto",
-    name: str | None = None,
-) -> ModelReward:
-    """A tiny reward model of the embedded task (`rl.reward_models`), built on first use if missing, then
-    loaded by path through `ModelReward`, the same code a Hub reward model goes through.
-
-    Args:
-        which: "complete" or "faithful".
-        dir: Parent directory of the built models; default `<cache>/facts_summary_rm/seed<seed>[-smoke]`.
-        seed, smoke: Build settings (see `ensure_reward_models`).
-        batch_size, device: Scoring settings.
-        name: Objective name for messages.
-    """
-    from rl.reward_models import RM_SPECS, ensure_reward_models, read_reward_spec
-
-    if which not in RM_SPECS:
-        raise SoupsError(f"embedded_reward_model: which={which!r}; valid: {', '.join(RM_SPECS)}")
-    path = ensure_reward_models(dir, seed=seed, smoke=smoke)[which]
-    spec = read_reward_spec(path)
-    return ModelReward(str(path), **spec, batch_size=batch_size, device=device, name=name or which)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Checks, scalarisation, normalisation
 # ----------------------------------------------------------------------------------------------------------
@@ -590,6 +569,19 @@ class RewardSet:
             self.normalizer.load_state_dict(state)
 
 
+def get_reward(kind: str) -> Callable[..., RewardFn]:
+    """The reward builder registered as `kind`, importing the module of `REWARD_MODULES` that registers it.
+
+    Raises:
+        UnknownNameError: `kind` is not a registered reward (the message lists the valid ones, lazy ones included).
+    """
+    if kind not in REWARDS:
+        # An unknown name imports every lazy module, so the error lists all valid names.
+        for module in [REWARD_MODULES[kind]] if kind in REWARD_MODULES else sorted(set(REWARD_MODULES.values())):
+            importlib.import_module(module)
+    return REWARDS.get(kind)
+
+
 def build_reward(spec: str | Mapping[str, Any]) -> tuple[str, RewardFn]:
     """One objective from its config: a registry name (`"faithful"`) or a mapping
     `{name: ..., type: <registry name, default = name>, **options}`.
@@ -598,13 +590,13 @@ def build_reward(spec: str | Mapping[str, Any]) -> tuple[str, RewardFn]:
         UnknownNameError: The type is not a registered reward (the message lists the valid ones).
     """
     if isinstance(spec, str):
-        return spec, REWARDS.get(spec)()
+        return spec, get_reward(spec)()
     options = dict(spec)
     if "name" not in options:
         raise SoupsError(f"reward objective {options} has no 'name'")
     name = str(options.pop("name"))
     kind = str(options.pop("type", name))
-    builder = REWARDS.get(kind)
+    builder = get_reward(kind)
     if kind in ("reward_model", "embedded_reward_model"):
         options.setdefault("name", name)
     try:
