@@ -4,8 +4,9 @@ Definitions (methods.md §6):
 - accuracy: fraction of samples whose argmax is the label (in float64; torchmetrics' float32 would print
   0.136 as 0.13600000739);
 - NLL: −(1/N) Σ_n log p_{n, y_n}, computed from log-probabilities so that confident mistakes do not underflow;
-- ECE: 15 equal-width confidence bins, Σ_b |B_b|/N · |acc(B_b) − conf(B_b)| with conf = max_c p_c
-  (torchmetrics `multiclass_calibration_error`, norm l1);
+- ECE: 15 equal-width confidence bins ((b−1)/15, b/15] (Guo et al. 2017; confidence 1 is in the last bin),
+  Σ_b |B_b|/N · |acc(B_b) − conf(B_b)| with conf = max_c p_c, binned in float64 (see `ece` for why not
+  torchmetrics);
 - adaptive ECE: the same sum over equal-MASS bins (samples sorted by confidence and split into `n_bins` groups
   whose sizes differ by at most one; Nixon et al. 2019). Written here because torchmetrics has no adaptive
   variant; it is tested against a direct loop;
@@ -16,7 +17,6 @@ Definitions (methods.md §6):
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.classification import multiclass_calibration_error
 
 from evals.errors import SoupsError
 
@@ -76,7 +76,14 @@ def nll(log_probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
-    """Expected calibration error with `n_bins` equal-width confidence bins (torchmetrics).
+    """Expected calibration error with `n_bins` equal-width confidence bins ((b−1)/n, b/n], b = 1..n.
+
+    Binned here in float64 rather than with torchmetrics' `multiclass_calibration_error`, which (1) uses
+    [lo, hi) bins, so confidence exactly 1.0 (a saturated softmax) lands in an extra (n+1)-th bin of its own, and
+    (2) casts to float32 first, so a confidence just below an edge such as 9/15 rounds onto or past it and
+    moves to the next bin. Both hit saturated members and small ensembles, whose averages sit on k/M. With the
+    (lo, hi] convention of Guo et al. (2017) confidence 1 is in the last bin; 0 (impossible for a probability
+    row's max, which is ≥ 1/C) would go to the first.
 
     Args:
         probs: Tensor[B, C] probabilities (rows sum to 1).
@@ -87,10 +94,18 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
         Σ_b |B_b|/N · |acc(B_b) − conf(B_b)|, in [0, 1].
     """
     check_predictions(probs, labels)
-    value = multiclass_calibration_error(
-        probs.to(torch.float32), labels.to(probs.device), num_classes=probs.shape[1], n_bins=n_bins, norm="l1"
-    )
-    return float(value)
+    if n_bins < 1:
+        raise SoupsError(f"ECE needs n_bins >= 1, got {n_bins}")
+    confidence, predicted = probs.to(torch.float64).max(dim=1)  # [B], [B]
+    right = (predicted == labels.to(probs.device)).to(torch.float64)
+    # Inner edges b/n, each correctly rounded in float64; bucketize(right=False) puts x in bin i when
+    # edge[i-1] < x <= edge[i], i.e. (lo, hi] bins, and everything above the last inner edge (1.0 included) in n−1.
+    inner = torch.arange(1, n_bins, dtype=torch.float64, device=confidence.device) / n_bins
+    bins = torch.bucketize(confidence, inner, right=False)  # [B] in [0, n_bins)
+    gap = torch.zeros(n_bins, dtype=torch.float64, device=confidence.device)
+    gap.index_add_(0, bins, right - confidence)  # Σ_{n ∈ b} (1[right_n] − conf_n)
+    # |B_b|/N · |acc_b − conf_b| = |Σ_{n ∈ b} (right_n − conf_n)| / N; empty bins add 0.
+    return float(gap.abs().sum() / probs.shape[0])
 
 
 def adaptive_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:

@@ -45,6 +45,17 @@ def test_matches_references_and_parts() -> None:
     assert by_logits["member_accuracy_mean"] == out["member_accuracy_mean"]
 
 
+def test_ece_of_saturated_members() -> None:
+    # Two identical members: sample 1 saturated (softmax exactly [1, 0] in float64) and wrong, sample 2 at 0.95
+    # and right. Both confidences lie in the last 15-bin (14/15, 1]: |0.5 − 0.975| = 0.475, for the members and
+    # for p̄ (torchmetrics' binning would give 0.525, with 1.0 in a bin of its own).
+    member = torch.tensor([[100.0, 0.0], [math.log(0.95), math.log(0.05)]], dtype=torch.float64)
+    assert float(member.softmax(-1)[0, 0]) == 1.0
+    out = evaluate_ensemble(torch.stack([member, member]), torch.tensor([1, 0]))
+    assert out["member_ece_mean"] == pytest.approx(0.475, abs=1e-12)
+    assert out["ece"] == pytest.approx(0.475, abs=1e-12)
+
+
 def test_ood_and_features() -> None:
     logits, labels = _members()
     gen = torch.Generator().manual_seed(1)
