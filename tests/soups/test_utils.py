@@ -46,9 +46,16 @@ def test_atomic_dir_cleans_up_on_failure_and_refuses_overwrite(tmp_path: Path) -
     with pytest.raises(SoupsError, match="already exists"), atomic_dir(target):
         pass
     assert (target / "keep.txt").read_text() == "old"
+    with pytest.raises(SoupsError, match="not written by Soups"), atomic_dir(target, overwrite=True):
+        pass  # a directory Soups did not write is never replaced
+    assert (target / "keep.txt").read_text() == "old"
+    (target / "keep.txt").unlink()  # an empty directory may be replaced
     with atomic_dir(target, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
-    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [".soups", "new.txt"]
+    with atomic_dir(target, overwrite=True) as tmp:  # and so may one atomic_dir wrote (it carries .soups)
+        (tmp / "newer.txt").write_text("newer")
+    assert sorted(p.name for p in target.iterdir()) == [".soups", "newer.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

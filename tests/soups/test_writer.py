@@ -95,7 +95,7 @@ def test_single_shard_is_named_model_safetensors_and_config_files_are_copied(tmp
                      mode="linear", config_source=expert.config_dir, progress=False,
                      resolved_config={"weights": [1.0]})
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["README.md", "config.json", "config.yaml", "generation_config.json", "model.safetensors",
+    assert names == [".soups", "README.md", "config.json", "config.yaml", "generation_config.json", "model.safetensors",
                      "soup.json", "tokenizer.json"]
     assert (out / "tokenizer.json").read_text() == '{"tok": 1}'
 
@@ -125,6 +125,7 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path: Path) -> None:
     expert = _expert(tmp_path)
     (tmp_path / "soup").mkdir()
     (tmp_path / "soup" / "keep.txt").write_text("previous soup")
+    (tmp_path / "soup" / "soup.json").write_text("{}")  # a soup written before atomic_dir's .soups marker existed
     with pytest.raises(SoupsError, match=r"output .*soup already exists; pass overwrite=true"):
         write_soup(tmp_path / "soup", iter(_tensors().items()), ingredients=[expert], weights=[1.0],
                    mode="linear", config_source=None, progress=False)
