@@ -15,33 +15,40 @@ epochs of clipped PPO updates on mini-batches of the adapter and the value head.
     metrics.jsonl              one row per step: every objective's batch mean + PPO statistics
     tensorboard/               the same through accelerate's trackers
 
-The PPO loop is written here (maths in `rl/ppo.py`) rather than taken from trl because trl's PPOTrainer now
-lives in `trl.experimental` and is removed after 1.12; it also takes a single reward model, while a run
-here logs a reward vector and resumes exactly from its checkpoints.
+Only what is PPO is here (rollouts, losses, the loop; maths in `rl/ppo.py`); checkpoints, exact resume, metrics
+and the non-finite guards are the trainer runtime's (`rl/runtime.py`). The loop is written here rather than taken
+from trl because trl's PPOTrainer now lives in `trl.experimental` and is removed after 1.12; it also takes a
+single reward model, while a run here logs a reward vector and resumes exactly from its checkpoints.
 """
 
 from __future__ import annotations
 
-import json
-import random
+from soups.cli import entry, precheck
+
+precheck(__name__, __file__, "../configs/train_ppo")  # a bad command line fails here, before the heavy imports
+
+import pickle
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
-from rl import ppo
+from rl import ppo, runtime
 from rl.policy import ActorCritic, adapter_state, build_policy, load_adapter_weights, load_tokenizer
-from soups.utils import SoupsError, atomic_dir, cli_errors, save_resolved_config, seed_everything, write_json
+from rl.runtime import latest_checkpoint, rng_state, set_rng_state
+from soups.utils import SoupsError, atomic_dir, save_resolved_config, seed_everything, write_json
 
 CONFIG_PATH = "../configs/train_ppo"
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+
+__all__ = ["latest_checkpoint", "rng_state", "set_rng_state", "train", "validate_config"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,32 +96,6 @@ def step_plan(seed: int, step: int, n_prompts: int, count: int, length_range: Se
     return [int(i) for i in indices], int(rng.integers(lo, hi + 1))
 
 
-def rng_state() -> dict[str, Any]:
-    """The python, numpy and torch (CPU and CUDA) RNG states, as tensors/ints (loads with weights_only=True)."""
-    py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [py_version, torch.tensor(py_state, dtype=torch.int64), py_gauss],
-        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
-                  float(np_cached)],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restores `rng_state()` exactly."""
-    py_version, py_state, py_gauss = state["python"]
-    random.setstate((int(py_version), tuple(int(x) for x in py_state.tolist()), py_gauss))
-    np_name, np_keys, np_pos, np_has_gauss, np_cached = state["numpy"]
-    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def check_ppo_settings(cfg: Mapping[str, Any]) -> int:
     """Validates the `ppo` node; returns the number of mini-batches per epoch.
 
@@ -131,6 +112,45 @@ def check_ppo_settings(cfg: Mapping[str, Any]) -> int:
     if (batch // mini) % accum:
         raise SoupsError(f"ppo.grad_accum_steps={accum} must divide the {batch // mini} mini-batches of an epoch")
     return batch // mini
+
+
+def validate_config(cfg: DictConfig | Mapping[str, Any]) -> int:
+    """Checks every numeric and named setting up front (before anything is built); returns the number of
+    mini-batches per epoch.
+
+    Raises:
+        SoupsError: naming the key, its value and the valid range or options (e.g. `ppo.lr=-1 must be a finite
+            number in (0, inf)`).
+    """
+    num, choice = runtime.check_number, runtime.check_choice
+    choice("mixed_precision", cfg["mixed_precision"], MIXED_PRECISION)
+    num("seed", cfg["seed"], low=0, integer=True)
+    p, g, kl, ck = cfg["ppo"], cfg["generation"], cfg["kl"], cfg["checkpoint"]
+    for key in ("batch_size", "mini_batch_size", "grad_accum_steps", "epochs"):
+        num(f"ppo.{key}", p[key], low=1, integer=True)
+    num("ppo.steps", p["steps"], low=0, integer=True)
+    num("ppo.lr", p["lr"], low=0, low_open=True)
+    choice("ppo.scheduler", p["scheduler"], ("constant", "linear", "cosine"))
+    for key in ("weight_decay", "vf_coef", "ent_coef", "max_grad_norm"):
+        num(f"ppo.{key}", p[key], low=0)
+    for key in ("clip_range", "clip_range_value"):
+        num(f"ppo.{key}", p[key], low=0, low_open=True)
+    for key in ("gamma", "lam"):
+        num(f"ppo.{key}", p[key], low=0, high=1)
+    choice("kl.controller", kl["controller"], ("adaptive", "fixed"))
+    choice("kl.estimator", kl["estimator"], ppo.KL_ESTIMATORS)
+    num("kl.init_coef", kl["init_coef"], low=0)
+    num("kl.target", kl["target"], low=0, low_open=True)
+    num("kl.horizon", kl["horizon"], low=0, low_open=True)
+    num("generation.temperature", g["temperature"], low=0, low_open=True)
+    num("generation.top_k", g["top_k"], low=0, integer=True)
+    num("generation.top_p", g["top_p"], low=0, high=1, low_open=True)
+    num("generation.min_new_tokens", g["min_new_tokens"], low=0, integer=True)
+    step_plan(0, 0, 1, 1, g["response_length"])  # raises on a bad [min, max]
+    num("checkpoint.every", ck["every"], low=0, integer=True)
+    num("checkpoint.keep", ck["keep"], low=0, integer=True)
+    num("value_head.dropout", cfg["value_head"]["dropout"], low=0, high=1, high_open=True)
+    return check_ppo_settings(p)
 
 
 def build_kl_controller(cfg: Mapping[str, Any]) -> ppo.FixedKLController:
@@ -152,24 +172,6 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: Mapping[str, Any], to
     if name not in ("constant", "linear", "cosine"):
         raise SoupsError(f"unknown ppo.scheduler {name!r}; valid names: constant, cosine, linear")
     return opt, get_scheduler(name, opt, num_warmup_steps=0, num_training_steps=max(total_steps, 1))
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The complete checkpoint with the highest step under `root` (temporary dirs are ignored)."""
-    done = [p for p in root.glob("step-*") if (p / "trainer_state.json").exists()] if root.exists() else []
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-def flat_hparams(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config as {"a/b": scalar} (lists and None as strings), the form tensorboard's hparams accept."""
-    out: dict[str, Any] = {}
-    for key, value in cfg.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flat_hparams(value, f"{name}/"))
-        else:
-            out[name] = value if isinstance(value, bool | int | float | str) else str(value)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,17 +210,51 @@ def response_logprobs(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints: the PPO contents (layout, atomicity and validation are the runtime's)
 # ----------------------------------------------------------------------------------------------------------
 
 
+def any_process(accelerator: Any, flag: bool) -> bool:
+    """Whether `flag` holds on any process (every process gets the same answer)."""
+    return bool(accelerator.gather(torch.tensor([float(flag)], device=accelerator.device)).sum().item() > 0)
+
+
+def nonfinite_training_state(model: ActorCritic, optimizer: Any) -> list[str]:
+    """Names of the trainable weights and optimizer-state tensors of this process that hold NaN or inf."""
+    weights = {n: prm for n, prm in model.named_parameters() if prm.requires_grad}
+    return runtime.nonfinite({"weights": weights, "optimizer": optimizer.state_dict()["state"]})
+
+
+def check_torch_file(path: Path) -> None:
+    """Validates a checkpoint's torch file (optimizer, scheduler, RNG): it loads and its tensors are finite."""
+    if path.suffix != ".pt":
+        return
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        raise SoupsError(f"{path} does not load: {' '.join(str(err).split())[:200]}") from err
+    bad = runtime.nonfinite(obj)
+    if bad:
+        raise SoupsError(f"{path} has non-finite values in {', '.join(bad[:3])}")
+
+
 def save_checkpoint(
-    target: Path, *, accelerator: Any, model: ActorCritic, tokenizer: Any, optimizer: Any, scheduler: Any,
+    root: Path, step: int, *, accelerator: Any, model: ActorCritic, tokenizer: Any, optimizer: Any, scheduler: Any,
     state: dict[str, Any], cfg: DictConfig,
-) -> None:  # fmt: skip
-    """Writes a checkpoint atomically: every rank stages its RNG and optimizer state, then rank 0 writes the
-    rest and renames the directory into place."""
-    staging = target.parent / f".staging-{target.name}"
+) -> Path:  # fmt: skip
+    """Writes `root/step-XXXXXX` through `runtime.save_checkpoint`: every rank stages its RNG and optimizer state,
+    then rank 0 writes the adapter, value head, scheduler and state, and renames the directory into place.
+
+    Raises:
+        SoupsError: a weight or optimizer tensor of any process is not finite; nothing is written and the error
+            names the last good checkpoint.
+    """
+    bad = nonfinite_training_state(model, optimizer)
+    if any_process(accelerator, bool(bad)):
+        what = ", ".join(bad[:3]) or "another process's weights or optimizer state"
+        raise runtime.stop_error(root, step, f"non-finite {what} (lower ppo.lr={cfg.ppo.lr}); not saving "
+                                 f"{runtime.checkpoint_dir(root, step).name}")
+    staging = root / f".staging-{runtime.checkpoint_dir(root, step).name}"
     if accelerator.is_main_process:
         staging.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -226,31 +262,31 @@ def save_checkpoint(
     torch.save(rng_state(), staging / f"rng_rank{rank}.pt")
     torch.save(optimizer.state_dict(), staging / f"optimizer_rank{rank}.pt")  # ZeRO shards it per process
     accelerator.wait_for_everyone()
+    target = runtime.checkpoint_dir(root, step)
     if accelerator.is_main_process:
-        from safetensors.torch import save_file
 
-        with atomic_dir(target, overwrite=True) as tmp:
+        def write_files(tmp: Path) -> None:
             model.policy.save_pretrained(tmp / "adapter")
             tokenizer.save_pretrained(tmp / "adapter")
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.v_head.state_dict().items()},
-                      str(tmp / "value_head.safetensors"))
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             for path in staging.glob("*_rank*.pt"):
                 shutil.move(str(path), tmp / path.name)
-            save_resolved_config(cfg, tmp)
-            write_json(tmp / "trainer_state.json", state)  # last: its presence marks a complete checkpoint
-        shutil.rmtree(staging, ignore_errors=True)
+
+        try:
+            runtime.save_checkpoint(root, step, state=state, arrays={"value_head": model.v_head.state_dict()},
+                                    write_files=write_files, config=cfg)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
+    return target
 
 
 def load_checkpoint(
     path: Path, *, accelerator: Any, model: ActorCritic, optimizer: Any, scheduler: Any
 ) -> dict[str, Any]:
     """Restores adapter, value head, this rank's optimizer and RNG, the scheduler; returns trainer_state.json."""
-    from safetensors.torch import load_file
-
     load_adapter_weights(model.policy, path / "adapter")
-    model.v_head.load_state_dict(load_file(str(path / "value_head.safetensors")))
+    model.v_head.load_state_dict(runtime.load_arrays(path / "value_head.safetensors", framework="pt"))
     rank = accelerator.process_index
     rng_path, opt_path = path / f"rng_rank{rank}.pt", path / f"optimizer_rank{rank}.pt"
     if not rng_path.exists() or not opt_path.exists():
@@ -258,19 +294,22 @@ def load_checkpoint(
                          "processes")
     optimizer.load_state_dict(torch.load(opt_path, weights_only=True, map_location="cpu"))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    state = json.loads((path / "trainer_state.json").read_text())
+    state = runtime.load_state(path)
     set_rng_state(torch.load(rng_path, weights_only=True))
     return state
 
 
-def prune_checkpoints(root: Path, keep: int) -> None:
-    """Deletes all but the `keep` most recent complete checkpoints (keep <= 0 keeps all)."""
-    if keep <= 0:
-        return
-    done = sorted((p for p in root.glob("step-*") if (p / "trainer_state.json").exists()),
-                  key=lambda p: int(p.name.split("-")[1]))
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def find_resume_checkpoint(root: Path, accelerator: Any) -> Path | None:
+    """The newest valid checkpoint under `root`; newer broken ones are named in a warning and set aside."""
+    good, broken = runtime.newest_valid_checkpoint(root, check_torch_file)
+    accelerator.wait_for_everyone()  # every process validated the same files before any is renamed
+    if accelerator.is_main_process:
+        for path, why in broken:
+            moved = runtime.set_aside(path)
+            warnings.warn(f"checkpoint {path} is broken ({why}); set aside as {moved.name}, resuming from "
+                          f"{good if good is not None else 'the start'}", RuntimeWarning, stacklevel=2)
+    accelerator.wait_for_everyone()
+    return good
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,12 +329,11 @@ def train(cfg: DictConfig, *, reward_set: Any = None, task: Any = None) -> Path:
     """
     from accelerate import Accelerator
 
-    from rl.rewards import build_reward_set, check_finite
     from rl.tasks import build_task, ensure_sft_init
 
-    # ---- set-up: accelerator, output dir, seed --------------------------------------------------------
+    # ---- set-up: config, accelerator, output dir, seed --------------------------------------------------
+    n_minibatches = validate_config(cfg)
     p, g = cfg.ppo, cfg.generation
-    n_minibatches = check_ppo_settings(p)
     out = Path(cfg.output_dir).absolute()
     ckpt_root, final_dir, metrics_path = out / "checkpoints", out / "adapter", out / "metrics.jsonl"
     accelerator = Accelerator(
@@ -307,22 +345,17 @@ def train(cfg: DictConfig, *, reward_set: Any = None, task: Any = None) -> Path:
         log_with=list(cfg.logging.log_with) or None,
         project_dir=str(out),
     )
-    resume_from = latest_checkpoint(ckpt_root) if cfg.resume else None
-    if not cfg.resume and (ckpt_root.exists() or final_dir.exists() or metrics_path.exists()):
-        if not cfg.overwrite:
-            raise SoupsError(f"output_dir {out} already holds a run; pass resume=true to continue it or "
-                             "overwrite=true to start again")
+    if not cfg.resume:
+        runtime.prepare_run_dir(out, [ckpt_root, final_dir, out / "tensorboard", metrics_path], resume=False,
+                                overwrite=bool(cfg.overwrite), is_main=accelerator.is_main_process)
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            for path in (ckpt_root, final_dir, out / "tensorboard"):
-                shutil.rmtree(path, ignore_errors=True)
-            metrics_path.unlink(missing_ok=True)
+    resume_from = find_resume_checkpoint(ckpt_root, accelerator) if cfg.resume else None
     seed_everything(int(cfg.seed) + accelerator.process_index)
 
     # ---- set-up: task, rewards, policy, optimizer -------------------------------------------------------
     task = task if task is not None else build_task(cfg.task)
     prompts_pool = list(task.train)
-    reward_set = reward_set if reward_set is not None else build_reward_set(cfg.reward)
+    reward_set = reward_set if reward_set is not None else runtime.build_reward_set(cfg.reward)
     names = list(reward_set.names)
     name_or_path = cfg.model.name_or_path
     if not name_or_path:  # the embedded task's SFT init, built once (rank 0 first, the others reuse it)
@@ -355,7 +388,7 @@ def train(cfg: DictConfig, *, reward_set: Any = None, task: Any = None) -> Path:
         reward_set.load_state_dict({k: torch.tensor(v) for k, v in state.get("reward_normalizer", {}).items()})
         accelerator.print(f"resuming from {resume_from} (step {start_step})")
     elif cfg.resume:
-        accelerator.print(f"resume=true but no checkpoint under {ckpt_root}: starting from step 0")
+        accelerator.print(f"resume=true but no valid checkpoint under {ckpt_root}: starting from step 0")
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped: ActorCritic = accelerator.unwrap_model(model)
     device = accelerator.device
@@ -363,17 +396,16 @@ def train(cfg: DictConfig, *, reward_set: Any = None, task: Any = None) -> Path:
         reward_set.to(device if device.type == "cuda" else "cpu")
 
     # ---- set-up: logging --------------------------------------------------------------------------------
-    if cfg.logging.log_with:
-        accelerator.init_trackers("tensorboard", config=flat_hparams(OmegaConf.to_container(cfg, resolve=True)))
+    runtime.start_trackers(accelerator, cfg, list(cfg.logging.log_with))
     if accelerator.is_main_process:
         save_resolved_config(cfg, out)
-        _truncate_metrics(metrics_path, start_step)
+        runtime.truncate_metrics(metrics_path, start_step)
 
     # ---- loop ---------------------------------------------------------------------------------------------
     world, rank, bsz = accelerator.num_processes, accelerator.process_index, int(p.batch_size)
     total = int(p.steps)
-    bar = tqdm(range(start_step, total), initial=start_step, total=total, desc="ppo",
-               disable=not accelerator.is_main_process or not cfg.logging.progress_bar)
+    bar = runtime.progress(start_step, total, desc="ppo",
+                           enabled=accelerator.is_main_process and bool(cfg.logging.progress_bar))
     gen_kwargs = {
         "do_sample": True, "temperature": float(g.temperature), "top_k": int(g.top_k), "top_p": float(g.top_p),
         "min_new_tokens": int(g.min_new_tokens), "pad_token_id": tokenizer.pad_token_id,
@@ -388,7 +420,13 @@ def train(cfg: DictConfig, *, reward_set: Any = None, task: Any = None) -> Path:
                         add_special_tokens=bool(g.add_special_tokens)).to(device)
         unwrapped.eval()
         with torch.no_grad():
-            sequences = unwrapped.policy.generate(**enc, max_new_tokens=length, **gen_kwargs)
+            try:
+                sequences = unwrapped.policy.generate(**enc, max_new_tokens=length, **gen_kwargs)
+            except RuntimeError as err:  # finite but huge weights overflow the logits; sampling then refuses
+                if "inf" not in str(err) and "nan" not in str(err):
+                    raise
+                raise runtime.stop_error(ckpt_root, step + 1, f"sampling failed on non-finite logits ({err}); "
+                                         f"lower ppo.lr={p.lr}") from err
         P = enc["input_ids"].shape[1]
         response = sequences[:, P:]
         mask = response_mask(response, tokenizer.eos_token_id)
@@ -401,11 +439,9 @@ def train(cfg: DictConfig, *, reward_set: Any = None, task: Any = None) -> Path:
         raw = reward_set(samples, texts, check=False).to(torch.float32)
         all_raw = accelerator.gather(raw.to(device)).cpu()
         try:
-            check_finite(all_raw, names)
+            runtime.check_finite(all_raw, names)
         except SoupsError as err:
-            last = latest_checkpoint(ckpt_root)
-            raise SoupsError(f"step {step + 1}: {err}; stopping. Last good checkpoint (intact): "
-                             f"{last if last is not None else 'none yet'}") from err
+            raise runtime.stop_error(ckpt_root, step + 1, str(err)) from err
         scores = reward_set.scalar(all_raw)[rank * bsz : (rank + 1) * bsz].to(device)
 
         # -- old log-probs, values, reference log-probs (adapter disabled), KL-shaped rewards, GAE
@@ -439,8 +475,8 @@ def train(cfg: DictConfig, *, reward_set: Any = None, task: Any = None) -> Path:
                     ent = ppo.masked_mean(entropy, mask[idx])
                     loss = pg.loss + float(p.vf_coef) * vf_loss - float(p.ent_coef) * ent
                     if not torch.isfinite(loss):
-                        raise SoupsError(f"step {step + 1}: the PPO loss is {loss.item()} (policy {pg.loss.item()}, "
-                                         f"value {vf_loss.item()}); lower ppo.lr={p.lr}. Nothing was saved")
+                        raise runtime.stop_error(ckpt_root, step + 1, f"the PPO loss is {loss.item()} (policy "
+                                                 f"{pg.loss.item()}, value {vf_loss.item()}); lower ppo.lr={p.lr}")
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and float(p.max_grad_norm) > 0:
                         grad_norm = accelerator.clip_grad_norm_(trainable, float(p.max_grad_norm))
@@ -455,6 +491,12 @@ def train(cfg: DictConfig, *, reward_set: Any = None, task: Any = None) -> Path:
                     _append(stats, key, float(value.detach()))
         scheduler.step()
         ppo_seconds = time.perf_counter() - t1
+        # A finite loss can still take a non-finite step (an inf gradient norm, an overflowing update): stop here,
+        # before the next rollout samples from NaN logits or a checkpoint could be attempted.
+        bad = runtime.nonfinite({n: prm for n, prm in unwrapped.named_parameters() if prm.requires_grad})
+        if any_process(accelerator, bool(bad)):
+            raise runtime.stop_error(ckpt_root, step + 1, f"the update made {', '.join(bad[:3]) or 'weights'} "
+                                     f"non-finite; lower ppo.lr={p.lr}")
 
         # -- KL controller, metrics
         seq_kl = accelerator.gather((kl * mask).sum(1)).mean().item()
@@ -479,8 +521,7 @@ def train(cfg: DictConfig, *, reward_set: Any = None, task: Any = None) -> Path:
         if cfg.logging.log_with:
             accelerator.log(metrics, step=step + 1)
         if accelerator.is_main_process:
-            with metrics_path.open("a") as fh:
-                fh.write(json.dumps({"step": step + 1, "samples": (step + 1) * bsz * world, **metrics}) + "\n")
+            runtime.append_metrics(metrics_path, {"step": step + 1, "samples": (step + 1) * bsz * world, **metrics})
         bar.set_postfix({n: f"{metrics[f'objective/{n}']:.3f}" for n in names} | {"kl": f"{seq_kl:.3f}"})
 
         # -- checkpoint every k steps (and at the end)
@@ -491,27 +532,24 @@ def train(cfg: DictConfig, *, reward_set: Any = None, task: Any = None) -> Path:
                 "reward_normalizer": {k: v.tolist() for k, v in reward_set.state_dict().items()},
                 "objectives": names, "seed": int(cfg.seed), "num_processes": world,
             }  # fmt: skip
-            save_checkpoint(ckpt_root / f"step-{step + 1:06d}", accelerator=accelerator, model=unwrapped,
-                            tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, state=state, cfg=cfg)
+            save_checkpoint(ckpt_root, step + 1, accelerator=accelerator, model=unwrapped, tokenizer=tokenizer,
+                            optimizer=optimizer, scheduler=scheduler, state=state, cfg=cfg)
             if accelerator.is_main_process:
-                prune_checkpoints(ckpt_root, int(cfg.checkpoint.keep))
+                runtime.prune_checkpoints(ckpt_root, int(cfg.checkpoint.keep))
 
     # ---- save: the final adapter (PEFT format) with the resolved config ----------------------------------
     bar.close()
     changed = {n for n, prm in unwrapped.named_parameters() if prm.requires_grad} & base_names
     if changed:  # defensive: nothing outside the adapter/value head may have become trainable
         raise SoupsError(f"base parameters became trainable: {sorted(changed)[:3]}")
-    if not all(torch.isfinite(t).all() for t in adapter_state(unwrapped.policy).values()):
+    if runtime.nonfinite(adapter_state(unwrapped.policy)):
         raise SoupsError("the adapter has non-finite weights; not saving it (lower ppo.lr)")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        from safetensors.torch import save_file
-
         with atomic_dir(final_dir, overwrite=True) as tmp:
             unwrapped.policy.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.v_head.state_dict().items()},
-                      str(tmp / "value_head.safetensors"))
+            runtime.save_arrays(tmp / "value_head.safetensors", unwrapped.v_head.state_dict())
             save_resolved_config(cfg, tmp)
             write_json(tmp / "train_summary.json", {
                 "steps": total, "objectives": names, "optimize": getattr(reward_set, "optimize", None),
@@ -537,16 +575,7 @@ def _mixed_precision(setting: str) -> str | None:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drops metric rows after `step` (a resumed run rewrites them), keeping the file consistent."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(r + "\n" for r in rows))
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
-@cli_errors
+@entry(CONFIG_PATH)
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: `accelerate launch rl/train_ppo.py reward=faithful`."""
     train(cfg)
