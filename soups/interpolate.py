@@ -5,8 +5,11 @@ Three layers, each usable on its own:
 - `validate_weights`: λ are finite, one per expert, and on the simplex (λ_i ≥ 0, Σ λ_i = 1) unless
   `allow_extrapolation` (task arithmetic, extrapolation beyond the experts).
 - `weighted_sum`: the maths for one tensor. Floating tensors are accumulated in float32 (float64 stays
-  float64) and cast back to the source dtype; integer and bool tensors (BatchNorm `num_batches_tracked`,
-  position-id buffers) are taken from the first expert, since averaging counters or indices is meaningless.
+  float64) and cast back to the source dtype; integer and bool tensors are taken from the first expert, since
+  averaging counters or indices is meaningless. `interpolate` only lets that happen where it is right: for
+  counters (`num_batches_tracked`) and for integer, bool or float8 tensors equal in every expert (`position_ids`).
+  Such a tensor that differs across experts (an int8 / GPTQ / float8 quantized weight) is refused: copying expert
+  1's would silently be wrong, and its quantization scales make a linear mix wrong too; dequantize first.
 - `plan_interpolation` + `interpolate`: checks key sets, shapes and dtypes of every expert from the headers
   only (no weights read), then streams `(key, tensor)` pairs, reading one tensor per expert at a time, so
   peak memory is one output tensor plus one input tensor, never N whole models.
@@ -25,6 +28,10 @@ Dtypes: experts may store a floating tensor in different floating dtypes (an fp3
 model); the output takes the first holder's dtype unless `dtype=` is given. Integer tensors must have one
 dtype across experts. Floating and integer never mix.
 
+LoRA factors are never mixed as weights: (Σλ_i B_i)(Σλ_i A_i) is not Σλ_i B_i A_i. A checkpoint whose tensor
+names look like LoRA factors (PEFT `lora_A`/`lora_B`, diffusers `lora.down`/`lora.up`, kohya `lora_unet_…`,
+`lora_down`/`lora_up`) is refused with a pointer to the exact LoRA path (`find_lora_factor`).
+
 Non-finite outputs are never produced: a NaN/Inf result raises a `SoupsError` naming the tensor and, when an
 expert holds the non-finite values, that expert (otherwise it is an overflow of the output dtype).
 """
@@ -32,6 +39,7 @@ expert holds the non-finite values, that expert (otherwise it is an overflow of 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -41,19 +49,34 @@ from soups.checkpoint import Checkpoint
 from soups.utils import SoupsError
 
 __all__ = [
+    "COUNTER_NAMES",
     "KEY_POLICIES",
     "InterpolationPlan",
     "Interpolation",
+    "find_lora_factor",
     "interpolate",
+    "is_quantized",
+    "lora_factor_message",
     "parse_dtype",
     "plan_interpolation",
     "validate_weights",
     "weighted_sum",
+    "check_copyable",
 ]
 
 KEY_POLICIES = ("exact", "intersection", "union")
 #: Tolerance on Σ λ = 1 for simplex weights (weights typed by hand, e.g. 0.1 + 0.2 + 0.7, sum to 1 ± 1e-16).
 SIMPLEX_ATOL = 1e-6
+#: Last name components of integer tensors that are counters: copied from the first expert even when they differ.
+COUNTER_NAMES = frozenset({"num_batches_tracked", "n_averaged"})
+
+# Tensor-name patterns of LoRA factors, by naming style (checked in this order; the first match names the style).
+_LORA_STYLES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("PEFT (lora_A/lora_B)", re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\.|$)")),
+    ("diffusers (lora.down/lora.up)", re.compile(r"(^|[._])lora(_linear_layer)?\.(down|up)(\.|$)")),
+    ("kohya (lora_unet_/lora_te_ prefixes)", re.compile(r"^lora_(unet|te\d*)_")),
+    ("lora_down/lora_up", re.compile(r"(^|[._])lora_(down|up)(\.|$)")),
+)
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -87,20 +110,94 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPE_NAMES[name]
 
 
-def validate_weights(weights: Sequence[float], n_experts: int, allow_extrapolation: bool = False) -> list[float]:
+def find_lora_factor(keys: Iterable[str]) -> tuple[str, str] | None:
+    """The first tensor name that looks like a LoRA factor, and its naming style; None if there is none.
+
+    Args:
+        keys: Tensor names of one checkpoint.
+
+    Returns:
+        `(key, style)`, e.g. `("unet.x.lora.down.weight", "diffusers (lora.down/lora.up)")`, or None.
+    """
+    for key in keys:
+        for style, pattern in _LORA_STYLES:
+            if pattern.search(key):
+                return key, style
+    return None
+
+
+def lora_factor_message(path: object, key: str, style: str) -> str:
+    """The refusal for a checkpoint of LoRA factors offered as full weights (one line, names path and tensor)."""
+    return (
+        f"expert {path} holds LoRA factors, not full weights ({style} naming, e.g. tensor {key!r}); mixing A and B "
+        "factors linearly gives (Σλ_i B_i)(Σλ_i A_i), which is not the mix Σλ_i B_i A_i. Mix LoRA experts as PEFT "
+        "adapter directories (adapter_config.json + adapter_model.safetensors; soups.mix then mixes the exact "
+        "delta), or merge each LoRA into its base model first and mix the merged checkpoints"
+    )
+
+
+def is_quantized(dtype: torch.dtype) -> bool:
+    """Integer, bool and float8 dtypes: values that a weighted sum cannot mix (indices, counters, quantized codes
+    whose scales live in other tensors)."""
+    return not dtype.is_floating_point or dtype.itemsize == 1
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    # compare bytes: torch.equal has no kernel for every 1-byte float type
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def check_copyable(key: str, tensors: Iterable[torch.Tensor], paths: Sequence[object]) -> torch.Tensor:
+    """Returns the first of an integer/bool/float8 tensor's per-expert copies, if copying it is right.
+
+    It is right for counters (`COUNTER_NAMES`) and for a tensor equal in every expert (`position_ids`). Any
+    other such tensor that differs across experts (an int8, GPTQ or float8 quantized weight) is refused.
+
+    Args:
+        key: The tensor name.
+        tensors: Its copies, one per expert (read lazily; at most two are held).
+        paths: The experts, in the same order (for the message).
+
+    Raises:
+        SoupsError: the copies differ; the message names the tensor and two experts, and says to dequantize.
+    """
+    iterator = iter(tensors)
+    first = next(iterator)
+    if key.rpartition(".")[2] in COUNTER_NAMES:
+        return first
+    for i, other in enumerate(iterator, start=1):
+        if not _bitwise_equal(first, other):
+            raise SoupsError(
+                f"tensor {key!r} is {str(first.dtype).removeprefix('torch.')} and differs between experts "
+                f"{paths[0]} and {paths[i]}; integer/quantized tensors cannot be mixed (copying one expert's would "
+                "silently drop the others, and quantization scales make a linear mix wrong): dequantize the "
+                "experts to a floating dtype first (e.g. load each one and save_pretrained it in float16/bfloat16)"
+            )
+        del other
+    return first
+
+
+def validate_weights(
+    weights: Sequence[float], n_experts: int, allow_extrapolation: bool = False, *, allow_zero_sum: bool = False
+) -> list[float]:
     """Checks interpolation weights λ.
 
     Args:
         weights: λ_1..λ_N.
         n_experts: N, the number of experts.
         allow_extrapolation: Accept negative weights and Σ λ ≠ 1 (task arithmetic, extrapolation).
+        allow_zero_sum: Accept Σ λ = 0 with extrapolation. A linear soup with Σ λ = 0 has no scale left (all
+            zeros, or a pure difference of experts): not a model. Only a mode that mixes differences (a future
+            task-arithmetic mode) should pass True. All-zero λ are refused regardless.
 
     Returns:
         The weights as Python floats.
 
     Raises:
-        SoupsError: wrong count, a non-numeric or non-finite weight, or (without extrapolation) a negative
-            weight or Σ λ ≠ 1 (± `SIMPLEX_ATOL`); the message names the offending index and value.
+        SoupsError: wrong count, a non-numeric or non-finite weight, (without extrapolation) a negative
+            weight or Σ λ ≠ 1 (± `SIMPLEX_ATOL`), or (with it) Σ λ = 0; the message names the offending value.
     """
     if isinstance(weights, str | bytes) or not isinstance(weights, Sequence):
         raise SoupsError(f"weights must be a list of numbers, got {weights!r}")
@@ -125,6 +222,14 @@ def validate_weights(weights: Sequence[float], n_experts: int, allow_extrapolati
     if not allow_extrapolation and abs(total - 1.0) > SIMPLEX_ATOL:
         raise SoupsError(
             f"weights {out} sum to {total:.9g}, not 1; rescale them or pass allow_extrapolation=true"
+        )
+    if out and all(w == 0.0 for w in out):
+        raise SoupsError(f"weights {out} are all 0: the soup would be all zeros; give at least one non-zero weight")
+    if abs(total) <= SIMPLEX_ATOL and not allow_zero_sum:
+        raise SoupsError(
+            f"weights {out} sum to 0: Σλ_iθ_i would be a difference of experts with no scale left, not a model "
+            "(even with allow_extrapolation); make them sum to 1, e.g. task arithmetic θ_0 + Σλ_i(θ_i - θ_0) is "
+            "weights [1 - Σλ_i, λ_1, ...] on [θ_0, θ_1, ...]"
         )
     return out
 
@@ -350,8 +455,13 @@ class Interpolation:
         n = len(self.experts)
         for key in self.plan.keys:
             holders = self.plan.holders[key]
-            weights = _renormalised(self.weights, holders, n, key)
             tensors = (self.experts[i].get_tensor(key) for i in holders)
+            if is_quantized(self.experts[holders[0]].dtype(key)):
+                first = check_copyable(key, tensors, [self.experts[i].path for i in holders])
+                yield key, first.to(device=self.device, dtype=self.plan.dtypes[key])
+                del first
+                continue
+            weights = _renormalised(self.weights, holders, n, key)
             out = weighted_sum(tensors, weights, out_dtype=self.plan.dtypes[key], device=self.device)
             if out.dtype.is_floating_point and not bool(torch.isfinite(out).all()):
                 raise SoupsError(self._non_finite_message(key, holders, weights))
@@ -379,9 +489,10 @@ def interpolate(
 ) -> Interpolation:
     """Validates everything, then streams θ = Σ_i λ_i θ_i tensor by tensor.
 
-    All checks (weights, key sets, shapes, dtypes) run here, before the first tensor is read, so a caller
-    that writes the stream never starts an output for bad input. Reading errors (truncated data) and
-    non-finite results raise `SoupsError` during iteration; `write_soup` then removes its partial output.
+    All checks (weights, key sets, shapes, dtypes, no LoRA factors) run here, before the first tensor is read,
+    so a caller that writes the stream never starts an output for bad input. Reading errors (truncated data),
+    non-finite results and integer/quantized tensors that differ across experts raise `SoupsError` during
+    iteration; `write_soup` then removes its partial output.
 
     Args:
         experts: Opened checkpoints (`soups.checkpoint.open_checkpoint`).
@@ -395,6 +506,10 @@ def interpolate(
         An `Interpolation`: iterable of `(key, tensor)` with tensor shape `plan.shapes[key]`, plus `specs`.
     """
     lam = validate_weights(weights, len(experts), allow_extrapolation)
+    for expert in experts:
+        found = find_lora_factor(expert.keys())
+        if found is not None:
+            raise SoupsError(lora_factor_message(expert.path, *found))
     plan = plan_interpolation(experts, keys, dtype)
     try:
         dev = torch.device(device)

@@ -49,8 +49,8 @@ from tqdm.auto import tqdm
 from soups.selection import greedy_soup, uniform_soup
 from soups.utils import SoupsError, atomic_dir, cli_errors, save_resolved_config, seed_everything
 from vision.data import make_splits
+from vision.evaluate import accuracy, build_classifier, build_dataset, eval_batches, resolve_device
 from vision.models import Classifier
-from vision.train import accuracy, build_classifier, build_dataset, eval_batches, resolve_device
 
 StateDict = dict[str, torch.Tensor]
 BN_MODES = ("average", "recompute")
@@ -333,20 +333,30 @@ def average_sweep(sweep_dir: str | Path, cfg: Mapping[str, Any]) -> Path:
 
 
 def prepare_sweep(sweep_dir: str | Path, preset: str) -> None:
-    """Runs configs/vision_sweep with experiment `preset` into `sweep_dir` (averaging off) unless it has runs."""
+    """Runs the sweep recipe with experiment `preset` into `sweep_dir` (averaging off) unless it has runs.
+
+    The sweep is launched as its own command (`python vision/sweep.py experiment=<preset> ...`), as a user would
+    run it: the sweep calls this module's averaging, so calling the sweep back in process would make a circle.
+
+    Raises:
+        SoupsError: no such preset, or the sweep failed.
+    """
     if list(Path(sweep_dir).glob("runs/*/summary.json")):
         return
-    from vision.sweep import run_sweep
+    import subprocess
+    import sys
 
-    configs = Path(__file__).resolve().parents[1] / "configs" / "vision_sweep"
-    preset_file = configs / "experiment" / f"{preset}.yaml"
+    here = Path(__file__).resolve().parent
+    preset_file = here.parent / "configs" / "vision_sweep" / "experiment" / f"{preset}.yaml"
     if not preset_file.is_file():
         raise SoupsError(f"no sweep preset {preset_file}")
-    cfg = OmegaConf.load(configs / "config.yaml")
-    cfg.pop("defaults", None)
-    overrides = {"output_dir": str(sweep_dir), "average": {"enabled": False}}
-    cfg = OmegaConf.merge(cfg, OmegaConf.load(preset_file), overrides)
-    run_sweep(cfg)  # type: ignore[arg-type]
+    sweep_dir = Path(sweep_dir).absolute()
+    # Hydra's own log goes into the sweep directory (no .hydra/ copy); nothing is written under the cwd.
+    command = [sys.executable, str(here / "sweep.py"), f"experiment={preset}", f"output_dir={sweep_dir}",
+               "average.enabled=false", f"hydra.run.dir={sweep_dir}", "hydra.output_subdir=null"]  # fmt: skip
+    proc = subprocess.run(command, check=False)
+    if proc.returncode != 0:
+        raise SoupsError(f"preparing sweep {preset!r}: `{' '.join(command)}` failed (exit {proc.returncode})")
 
 
 @hydra.main(version_base="1.3", config_path="../configs/vision_average", config_name="config")

@@ -23,8 +23,8 @@ from torch.utils.data import Dataset
 from soups.pareto_registry import EVALUATORS, ObjectiveStat, mean_stderr
 from soups.utils import SoupsError
 from vision.data import MultiDomainDataset, make_splits
+from vision.evaluate import build_classifier, build_dataset, eval_batches
 from vision.models import Classifier, load_classifier_weights
-from vision.train import build_classifier, build_dataset, eval_batches
 
 SPLITS = ("in", "out", "all")
 

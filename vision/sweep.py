@@ -25,6 +25,7 @@ subprocesses), `gpus` (one subprocess per GPU id, `CUDA_VISIBLE_DEVICES` set per
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -40,8 +41,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from soups.utils import SoupsError, cli_errors, write_json
-from vision.train import build_dataset, train
+from vision.evaluate import build_dataset
 
+# The recipes this driver launches, by module name: recipes do not import recipes. `train` runs a job in this
+# process (`launcher=local`; the subprocess launchers run the same function in a fresh interpreter) and
+# `average_sweep` the averaging at the end. vision/average.py never calls the sweep back in process.
+RECIPES = {"train": "vision.train", "average": "vision.average"}
 TRAIN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vision_train" / "config.yaml"
 # Fields that do not change a run's result, left out of its hash.
 _NOT_HASHED = ("output", "overwrite", "progress", "num_workers", "device", "log_with")
@@ -76,6 +81,11 @@ def stage_job(base: Mapping[str, Any], overrides: Mapping[str, Any], *more: Mapp
     if "dataset" in overrides:
         job["dataset"] = merge(base_train_config(None)["dataset"], overrides.pop("dataset"))
     return merge(job, overrides, *more)
+
+
+def train(job: Mapping[str, Any]) -> Path:
+    """Runs one job of the train recipe in this process (its plain `train(cfg)`, without Hydra)."""
+    return importlib.import_module(RECIPES["train"]).train(job)
 
 
 def job_hash(job: Mapping[str, Any]) -> str:
@@ -298,9 +308,9 @@ def run_sweep(cfg: DictConfig) -> Path:
 
     # ---- averaging and tables -----------------------------------------------------------------------------
     if cfg.average.enabled:
-        from vision.average import average_sweep
         from vision.collect import collect
 
+        average_sweep = importlib.import_module(RECIPES["average"]).average_sweep
         average_sweep(out, OmegaConf.to_container(cfg.average, resolve=True))  # type: ignore[arg-type]
         collect(out)
     return out

@@ -44,8 +44,8 @@ from soups.utils import SoupsError, atomic_dir, cli_errors, save_resolved_config
 from vision.data import MultiDomainDataset, get_dataset, make_splits
 from vision.ensembles.combine import majority_vote
 from vision.ensembles.methods import build_method, count_parameters
+from vision.evaluate import infinite_batches, resolve_device
 from vision.models import build_model
-from vision.train import infinite_batches, resolve_device
 
 # ----------------------------------------------------------------------------------------------------------------
 # Builders (config → components)

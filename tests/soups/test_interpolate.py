@@ -138,12 +138,13 @@ def test_a_single_expert_with_weight_one_reproduces_itself_bitwise(tmp_path: Pat
 
 
 def test_dtype_override_casts_floats_only(tmp_path: Path) -> None:
-    a = _file(tmp_path, "a", {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(4)})
-    b = _file(tmp_path, "b", {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(9)})
+    n = "bn.num_batches_tracked"
+    a = _file(tmp_path, "a", {"w": torch.tensor([1.0, 3.0]), n: torch.tensor(4)})
+    b = _file(tmp_path, "b", {"w": torch.tensor([3.0, 5.0]), n: torch.tensor(9)})
     out = dict(interpolate([a, b], [0.5, 0.5], dtype="bf16"))
     # (1 + 3)/2 = 2, (3 + 5)/2 = 4; the integer counter comes from the first expert.
     assert out["w"].dtype == torch.bfloat16 and out["w"].tolist() == [2.0, 4.0]
-    assert out["n"].dtype == torch.int64 and out["n"].item() == 4
+    assert out[n].dtype == torch.int64 and out[n].item() == 4
 
 
 def test_mixed_float_dtypes_take_the_first_experts_dtype(tmp_path: Path) -> None:
