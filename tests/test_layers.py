@@ -81,7 +81,7 @@ def imports_of(name: str, tree: ast.Module, modules: dict[str, Path]) -> Iterato
 def registry_names(tree: ast.Module) -> Iterator[tuple[str, int]]:
     """Dotted module names that module-level tables named `*_MODULES` or `RECIPES` map to."""
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
         if not any(isinstance(t, ast.Name) and (t.id.endswith("_MODULES") or t.id == "RECIPES") for t in targets):
             continue
         if isinstance(node.value, ast.Dict):
@@ -91,12 +91,14 @@ def registry_names(tree: ast.Module) -> Iterator[tuple[str, int]]:
 
 
 def is_entry_point(tree: ast.Module) -> bool:
-    """A recipe: decorated with `@hydra.main(...)`."""
-    for node in ast.walk(tree):
+    """A recipe: a top-level function decorated with `@hydra.main(...)` or `soups.cli`'s `@entry(...)`."""
+    for node in tree.body:
         if isinstance(node, ast.FunctionDef):
             for deco in node.decorator_list:
                 func = deco.func if isinstance(deco, ast.Call) else deco
-                if isinstance(func, ast.Attribute) and func.attr == "main" and getattr(func.value, "id", "") == "hydra":
+                name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+                owner = getattr(func, "value", None)
+                if name == "entry" or (name == "main" and isinstance(owner, ast.Name) and owner.id == "hydra"):
                     return True
     return False
 
@@ -218,3 +220,15 @@ def test_checker_reads_static_lazy_and_importlib_imports(source: str, expected: 
     modules = library_modules()
     found = {target for target, _ in imports_of("soups.probe", ast.parse(source), {**modules, "soups.probe": ROOT})}
     assert found == expected
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ('@hydra.main(config_path="c")\n@cli_errors\ndef main(cfg): ...', True),
+        ('@entry("../configs/x")\ndef main(cfg): ...', True),
+        ("@functools.cache\ndef main(cfg): ...", False),
+    ],
+)
+def test_checker_recognises_entry_points(source: str, expected: bool) -> None:
+    assert is_entry_point(ast.parse(source)) is expected
