@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from rl.rewards import RewardSet, RunningNormalizer, build_reward_set, check_finite, morl_weights, scalarize
-from soups.utils import SoupsError, atomic_dir, save_resolved_config, write_json
+from soups.utils import SOUPS_MARKER, SoupsError, atomic_dir, save_resolved_config, write_json
 
 __all__ = [
     "RewardSet", "RunningNormalizer", "build_reward_set", "check_finite", "morl_weights", "scalarize",
@@ -301,7 +301,7 @@ def validate_checkpoint(path: Path, check_file: Callable[[Path], None] | None = 
         for rel, meta in listed.items():
             if _sha256(path / rel) != meta["sha256"]:
                 raise SoupsError(f"{path / rel} changed after it was written (sha256 mismatch)")
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name not in (MANIFEST_FILE, SOUPS_MARKER)):
         if file.suffix == ".safetensors":
             bad = safetensors_problem(file)
             if bad:
@@ -406,7 +406,7 @@ def safetensors_problem(path: Path) -> str | None:
 def _describe_files(directory: Path) -> dict[str, dict[str, Any]]:
     return {
         str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(directory.rglob("*")) if p.is_file()
+        for p in sorted(directory.rglob("*")) if p.is_file() and p.name != SOUPS_MARKER  # atomic_dir's, not ours
     }  # fmt: skip
 
 

@@ -482,7 +482,13 @@ def train(cfg: DictConfig, *, reward_set: Any = None, task: Any = None) -> Path:
                         grad_norm = accelerator.clip_grad_norm_(trainable, float(p.max_grad_norm))
                         if grad_norm is not None:  # DeepSpeed clips inside its engine and returns None
                             _append(stats, "ppo/grad_norm", float(grad_norm))
-                    optimizer.step()
+                    try:
+                        optimizer.step()
+                    except RuntimeError as err:  # AdamW's step size lr / (1 - β1^t) overflows float32 for huge lr
+                        if "overflow" not in str(err):
+                            raise
+                        raise runtime.stop_error(ckpt_root, step + 1, f"the optimizer step overflowed ({err}); "
+                                                 f"lower ppo.lr={p.lr}") from err
                     optimizer.zero_grad(set_to_none=True)
                 for key, value in (("ppo/loss_policy", pg.loss), ("ppo/loss_value", vf_loss), ("ppo/loss", loss),
                                    ("ppo/clipfrac", pg.clipfrac), ("ppo/vf_clipfrac", vf_clipfrac),
