@@ -8,6 +8,11 @@ Full checkpoints go through `soups.interpolate.interpolate` (one tensor per expe
 atomic rename). When every expert is a PEFT adapter the mix is delegated to `soups.lora.mix_lora`
 (`lora_mode`, `lora_output`, `base`). Config: `configs/mix/config.yaml`, every field documented there.
 
+What it refuses (one `error: ...` line, exit 2, nothing written): LoRA options given with full checkpoints (they
+would be silently ignored), checkpoints of LoRA factors offered as full weights (diffusers `lora.down`, kohya
+`lora_unet_…`: mixing factors linearly is wrong), integer/quantized tensors that differ across experts, weights
+summing to 0, and an output that another run writes at the same time (`soups.utils.atomic_dir`).
+
 `mix(...)` is the same pipeline as a plain function, for scripts and tests.
 """
 
@@ -74,8 +79,8 @@ def mix(
     device: str = "cpu",
     overwrite: bool = False,
     max_shard_size: int | str = "2GB",
-    lora_mode: str = "delta",
-    lora_output: str = "merged",
+    lora_mode: str | None = None,
+    lora_output: str | None = None,
     base: str | Path | None = None,
     resolved_config: Any = None,
     progress: bool = True,
@@ -92,8 +97,9 @@ def mix(
         device: Where to accumulate ("cpu", "cuda", "cuda:1"); full checkpoints only (LoRA mixes run on CPU).
         overwrite: Replace an existing output directory.
         max_shard_size: Largest safetensors shard ("2GB", "500MB", bytes).
-        lora_mode: "delta" (exact Σ λ_i s_i B_i A_i) or "ab" (A and B averaged separately); adapters only.
-        lora_output: "merged" (full checkpoint) or "adapter" (PEFT adapter); adapters only.
+        lora_mode: "delta" (exact Σ λ_i s_i B_i A_i; the default, None) or "ab" (A and B averaged separately);
+            adapters only: any value with full checkpoints is refused, since it would be ignored.
+        lora_output: "merged" (full checkpoint; the default, None) or "adapter" (PEFT adapter); adapters only.
         base: Base model for LoRA merges when adapter_config's base path is not local; adapters only.
         resolved_config: Config saved as config.yaml beside the soup.
         progress: Show a tqdm bar over tensors.
@@ -124,7 +130,8 @@ def mix(
         )
     if adapters:
         out = _mix_lora(
-            ckpts, weights, output, mode=lora_mode, output_format=lora_output, base=base, dtype=dtype,
+            ckpts, weights, output, mode=lora_mode or "delta", output_format=lora_output or "merged", base=base,
+            dtype=dtype,
             overwrite=overwrite, allow_extrapolation=allow_extrapolation,
             max_shard_size=max_shard_size, resolved_config=resolved_config, progress=progress,
         )
@@ -133,6 +140,13 @@ def mix(
                           time.perf_counter() - start)
 
     # ---- full checkpoints: validate, stream, write -----------------------------------------------------
+    ignored = [f"{name}={value}" for name, value in (("lora_mode", lora_mode), ("lora_output", lora_output),
+                                                       ("base", base)) if value is not None]
+    if ignored:
+        raise SoupsError(
+            f"{', '.join(ignored)} applies only to PEFT adapter experts, but {ckpts[0].path} is a full checkpoint "
+            f"({ckpts[0].kind}); remove the option"
+        )
     stream = interpolate(ckpts, weights, keys=keys, allow_extrapolation=allow_extrapolation, dtype=dtype,
                          device=device)
     out_dtype = parse_dtype(dtype)
@@ -199,15 +213,23 @@ def _check_loads(output: Path) -> float:
         return float(model(input_ids=tokens, labels=tokens).loss)
 
 
+def _cli_list(value: Any, name: str, example: str) -> list[Any]:
+    """A list option from the command line; a scalar or a string is refused (a string would otherwise be read as
+    a list of its characters: `experts=path` gave "checkpoint not found: p")."""
+    if OmegaConf.is_list(value) or isinstance(value, list | tuple):
+        return list(value)
+    raise SoupsError(f"{name} must be a list, e.g. {example}; got {value!r} ({type(value).__name__})")
+
+
 @cli_errors
 def run(cfg: DictConfig) -> MixSummary:
     """The CLI body on a composed config (tests call it in-process); bad input exits 2 with one error line."""
     # ---- set-up -----------------------------------------------------------------------------------------
     seed_everything(int(cfg.seed))
-    experts = list(cfg.experts) if cfg.experts is not None else []
+    experts = _cli_list(cfg.experts, "experts", "experts=[PATH_A,PATH_B]") if cfg.experts is not None else []
     if cfg.build_smoke_experts:
         experts = [str(p) for p in build_smoke_experts(experts, int(cfg.seed))]
-    weights = list(cfg.weights) if cfg.weights is not None else None
+    weights = _cli_list(cfg.weights, "weights", "weights=[0.5,0.5]") if cfg.weights is not None else None
 
     # ---- mix ----------------------------------------------------------------------------------------------
     summary = mix(

@@ -8,8 +8,10 @@ buffers, tied weights once) are re-bound as views into one flat buffer per dtype
 stacked once into a matrix Θ of shape (N, P). Setting λ is then a single matrix-vector product written
 straight into the model's memory, θ = λᵀΘ (float32 accumulation; for bf16/fp16 storage it runs in float32 over
 chunks of `CHUNK` elements). Nothing is allocated per switch, nothing touches the disk, and recomputing from the
-stored experts means switching back and forth cannot drift. Integer buffers (e.g. `num_batches_tracked`) are
-copied from the first expert. Memory: N + 1 copies of the floating weights, on `device`.
+stored experts means switching back and forth cannot drift. Integer, bool and float8 tensors are copied from the
+first expert when that is right: counters (`num_batches_tracked`) and tensors equal in every expert
+(`position_ids`); one that differs across experts (a quantized weight) is refused, as in `soups.interpolate`.
+Memory: N + 1 copies of the floating weights, on `device`.
 
 LoRA adapters (`Soup.from_lora`). The base model is wrapped ONCE with a single concatenated adapter of rank
 R = Σ r_i per module (A_cat = vstack(A_i), scaling 1, see `soups.lora`). Setting λ only rewrites the B blocks,
@@ -17,7 +19,9 @@ B_cat = hstack(λ_i s_i B_i): out×R numbers per module, no copy of the base, no
 tensors are mixed like full checkpoints. The forward pass costs one rank-R LoRA per module.
 
 Every tensor an expert provides must land in the model (and every model tensor must be provided), checked
-when the soup is built: the reference rewarded-soups code silently loaded nothing.
+when the soup is built: the reference rewarded-soups code silently loaded nothing. Experts must be finite (NaN
+or Inf anywhere refuses the soup: 0·NaN = NaN would spoil every λ, even the other experts' vertices), and a
+checkpoint of LoRA factors is never taken for full weights.
 """
 
 from __future__ import annotations
@@ -34,7 +38,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from soups.checkpoint import Checkpoint, open_checkpoint
-from soups.interpolate import parse_dtype, validate_weights
+from soups.interpolate import (
+    check_copyable,
+    find_lora_factor,
+    is_quantized,
+    lora_factor_message,
+    parse_dtype,
+    validate_weights,
+)
 from soups.lora import check_compatible, concat_adapter_config, load_state_dict_strict, mix_modules, read_adapter
 from soups.utils import SoupsError
 
@@ -42,6 +53,16 @@ __all__ = ["CHUNK", "Soup"]
 
 #: Elements per chunk when the stored experts are not float32 (bounds the float32 temporary).
 CHUNK = 1 << 24
+
+
+def _finite(tensor: torch.Tensor, key: str, path: object) -> torch.Tensor:
+    """`tensor`, if it holds no NaN/Inf; else a `SoupsError` naming the expert and the tensor."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise SoupsError(
+            f"tensor {key!r} of expert {path} holds NaN/Inf values; refusing to build a soup from it "
+            "(0·NaN = NaN would corrupt every mix, even the other experts' vertices)"
+        )
+    return tensor
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,7 +274,8 @@ class Soup:
 
         Raises:
             SoupsError: unreadable experts, or a tensor of an expert that has no place in the model (or a model
-                tensor that an expert lacks, or a shape mismatch), naming the expert and the tensor.
+                tensor that an expert lacks, or a shape mismatch), a NaN/Inf in an expert, LoRA factors, or an
+                integer/quantized tensor that differs across experts, naming the expert and the tensor.
         """
         if not paths:
             raise SoupsError("a Soup needs at least one expert")
@@ -261,6 +283,10 @@ class Soup:
         adapters = [c.path for c in ckpts if c.kind == "peft"]
         if adapters:
             raise SoupsError(f"expert {adapters[0]} is a PEFT adapter; use Soup.from_lora(adapters, base_model)")
+        for ckpt in ckpts:
+            found = find_lora_factor(ckpt.keys())
+            if found is not None:
+                raise SoupsError(lora_factor_message(ckpt.path, *found))
         if weights is not None:
             validate_weights(weights, len(ckpts), allow_extrapolation)  # fail before reading anything
         torch_dtype = parse_dtype(dtype)
@@ -295,13 +321,13 @@ class Soup:
                         f"the model expects {tuple(tensor.shape)}"
                     )
 
-        # ---- read experts: stack float tensors per dtype, copy integer buffers -----------------------------------
+        # ---- read experts: stack float tensors per dtype, copy integer/quantized ones where that is right --------
         by_dtype: dict[torch.dtype, list[tuple[str, list[str], torch.Tensor]]] = {}
         for key, names, tensor in plan:
-            if tensor.is_floating_point():
+            if not is_quantized(tensor.dtype) and not is_quantized(ckpts[0].dtype(key)):
                 by_dtype.setdefault(tensor.dtype, []).append((key, names, tensor))
             else:
-                tensor.data.copy_(ckpts[0].get_tensor(key))
+                tensor.data.copy_(check_copyable(key, (c.get_tensor(key) for c in ckpts), [c.path for c in ckpts]))
         flat_groups: list[_FlatGroup] = []
         bar = tqdm(total=len(ckpts) * sum(len(v) for v in by_dtype.values()), desc="soup experts", unit="tensor",
                    disable=not progress)
@@ -309,7 +335,8 @@ class Soup:
 
             def read(i: int, j: int, entries: list[tuple[str, list[str], torch.Tensor]] = entries) -> torch.Tensor:
                 bar.update(1)
-                return ckpts[i].get_tensor(entries[j][0])
+                key = entries[j][0]
+                return _finite(ckpts[i].get_tensor(key), key, ckpts[i].path)
 
             targets = [([_owner(model, n) for n in names], tensor.shape) for _, names, tensor in entries]
             flat_groups.append(_bind(targets, len(ckpts), read, tdtype, torch_dtype or tdtype, dev))
@@ -346,6 +373,12 @@ class Soup:
             raise SoupsError("Soup.from_lora needs the plain base model, got a PeftModel; pass model.get_base_model()")
         adapters = [read_adapter(p) for p in adapter_paths]
         check_compatible(adapters, "delta")
+        for ad in adapters:  # before the base model is wrapped
+            for name, factors in ad.modules.items():
+                _finite(factors.a, f"{name}.lora_A", ad.path)
+                _finite(factors.b, f"{name}.lora_B", ad.path)
+            for name, tensor in ad.saved.items():
+                _finite(tensor, name, ad.path)
         n = len(adapters)
         if weights is not None:
             validate_weights(weights, n, allow_extrapolation)  # fail before touching the base model
