@@ -14,9 +14,11 @@ the canonical order: larger dtypes first, then by name, so every tensor is align
 `safe_open` and `from_pretrained`.
 
 Safety: the output is built in a temporary directory beside `output` (`soups.utils.atomic_dir`) and renamed
-at the end, so a failure (bad tensor, NaN, interrupted run) leaves nothing behind. An existing output is
-replaced only with `overwrite=True`, and an output equal to, inside, or containing any ingredient (or the
-config source) is refused before anything is written.
+at the end, so a failure (bad tensor, NaN, interrupted run) leaves nothing behind. The rename is exclusive: of
+two runs writing one output at the same time, one publishes and the other fails naming it. An existing output
+is replaced only with `overwrite=True`, and only if Soups wrote it (`.soups` marker or `soup.json`) or it is
+empty; an output equal to, inside, or containing any ingredient (or the config source) is refused before
+anything is written.
 """
 
 from __future__ import annotations
@@ -382,8 +384,9 @@ def write_soup(
         The absolute path of the written soup.
 
     Raises:
-        SoupsError: output exists (without overwrite), clashes with an ingredient, bad arguments, or a tensor
-            failed while streaming (nothing is left behind).
+        SoupsError: output exists (without overwrite) or is not a Soups output (with it), clashes with an
+            ingredient, another run published it first, bad arguments, or a tensor failed while streaming
+            (nothing is left behind).
     """
     if files not in ("model", "adapter"):
         raise SoupsError(f"files must be 'model' or 'adapter', got {files!r}")
