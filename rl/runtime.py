@@ -406,7 +406,8 @@ def safetensors_problem(path: Path) -> str | None:
 def _describe_files(directory: Path) -> dict[str, dict[str, Any]]:
     return {
         str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(directory.rglob("*")) if p.is_file() and p.name != SOUPS_MARKER  # atomic_dir's, not ours
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name not in (MANIFEST_FILE, SOUPS_MARKER)  # the marker is atomic_dir's, not ours
     }  # fmt: skip
 
 

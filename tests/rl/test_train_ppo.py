@@ -301,3 +301,122 @@ def test_accelerate_launch_cli_on_the_embedded_task(tiny_model: Path, tmp_path: 
     bad = subprocess.run([*cmd, f"output_dir={tmp_path / 'bad'}", "ppo.batch_size=3"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "error: ppo.batch_size=3 is not a multiple" in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints that cannot go bad: validation, fallback on resume, no non-finite save, config checks
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three_steps(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A 3-step run keeping every checkpoint, and the final adapter of resuming it from step 2 directly (its
+    step-3 checkpoint, adapter and metrics removed first)."""
+    import shutil
+
+    base = tmp_path_factory.mktemp("three") / "run"
+    train_ppo.train(make_cfg(tiny_model, base, "ppo.steps=3", "checkpoint.keep=0"), reward_set=rewards(), task=Task())
+    direct = base.parent / "direct"
+    shutil.copytree(base, direct)
+    shutil.rmtree(direct / "checkpoints" / "step-000003")
+    shutil.rmtree(direct / "adapter")
+    resumed = train_ppo.train(make_cfg(tiny_model, direct, "ppo.steps=3", "checkpoint.keep=0", "resume=true"),
+                              reward_set=rewards(), task=Task())
+    return base, _adapter(resumed)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _nan_adapter(ckpt: Path) -> None:
+    """NaN in one LoRA tensor, with a manifest that matches (as if the bad weights had been saved as such)."""
+    from safetensors.torch import save_file
+
+    from rl import runtime
+
+    path = ckpt / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = sorted(tensors)[0]
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, str(path))
+    (ckpt / "manifest.json").write_text(json.dumps({"files": runtime._describe_files(ckpt)}))
+
+
+def _nan_optimizer_no_manifest(ckpt: Path) -> None:
+    """NaN in the Adam moments of a checkpoint without a manifest (as the trainer wrote them before manifests)."""
+    opt = torch.load(ckpt / "optimizer_rank0.pt", weights_only=True)
+    opt["state"][0]["exp_avg"].fill_(float("nan"))
+    torch.save(opt, ckpt / "optimizer_rank0.pt")
+    (ckpt / "manifest.json").unlink()
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda c: _truncate(c / "adapter" / "adapter_model.safetensors"), "adapter_model.safetensors has"),
+    (lambda c: (c / "trainer_state.json").write_text('{"step": 3, "kl_contr'), "trainer_state.json is unreadable"),
+    (lambda c: _truncate(c / "optimizer_rank0.pt"), "optimizer_rank0.pt has"),
+    (_nan_adapter, "adapter_model.safetensors: tensor .* has non-finite values"),
+    (_nan_optimizer_no_manifest, "optimizer_rank0.pt has non-finite values in state.0.exp_avg"),
+], ids=["truncated-adapter", "broken-state", "truncated-optimizer", "nan-adapter", "nan-optimizer-legacy"])  # fmt: skip
+def test_resume_skips_a_broken_newest_checkpoint(three_steps, tiny_model: Path, tmp_path: Path, damage, why) -> None:
+    import shutil
+
+    from rl import runtime
+
+    base, direct = three_steps
+    out = tmp_path / "run"
+    shutil.copytree(base, out)
+    broken = out / "checkpoints" / "step-000003"
+    damage(broken)
+    with pytest.raises(SoupsError, match=why):
+        runtime.validate_checkpoint(broken, train_ppo.check_torch_file)
+    with pytest.warns(RuntimeWarning, match=rf"checkpoint {broken} is broken \(.*{why}.*\); set aside as broken-"
+                                            rf"step-000003, resuming from {out / 'checkpoints' / 'step-000002'}"):
+        final = train_ppo.train(make_cfg(tiny_model, out, "ppo.steps=3", "checkpoint.keep=0", "resume=true"),
+                                reward_set=rewards(), task=Task())
+    # The result equals resuming from step 2 directly (and the uninterrupted run: resume is exact).
+    resumed = _adapter(final)
+    assert resumed.keys() == direct.keys() and all(torch.equal(resumed[k], direct[k]) for k in direct)
+    assert all(torch.equal(resumed[k], v) for k, v in _adapter(base / "adapter").items())
+    # The broken one is kept aside for inspection; a valid step 3 replaced it.
+    assert (out / "checkpoints" / "broken-step-000003").is_dir()
+    runtime.validate_checkpoint(out / "checkpoints" / "step-000003", train_ppo.check_torch_file)
+
+
+def test_diverging_run_stops_and_saves_nothing_non_finite(tiny_model: Path, tmp_path: Path) -> None:
+    from rl import runtime
+
+    # One mini-batch per step and lr = 1e10: step 1 is finite and checkpointed, step 2's update overflows.
+    out = tmp_path / "run"
+    cfg = make_cfg(tiny_model, out, "ppo.steps=4", "ppo.lr=1e10", "ppo.mini_batch_size=4", "ppo.grad_accum_steps=1",
+                   "ppo.epochs=1", "checkpoint.keep=0")
+    last = out / "checkpoints" / "step-000001"
+    with pytest.raises(SoupsError, match=r"^step 2: the update made .*lora.* non-finite; lower ppo.lr=10000000000.0; "
+                                         rf"stopping. Last good checkpoint \(intact\): {last}$"):
+        train_ppo.train(cfg, reward_set=rewards(), task=Task())
+    saved = sorted((out / "checkpoints").iterdir())
+    assert [p.name for p in saved] == ["step-000001"] and not (out / "adapter").exists()
+    runtime.validate_checkpoint(saved[0], train_ppo.check_torch_file)  # complete and finite, optimizer included
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ppo.lr=-1", r"ppo.lr=-1 must be a finite number in \(0, inf\)"),
+    ("ppo.lr=nan", r"ppo.lr=nan must be a finite number in \(0, inf\)"),
+    ("mixed_precision=fp8", "mixed_precision='fp8' is not valid; valid options: auto, no, fp16, bf16"),
+    ("kl.estimator=k4", "kl.estimator='k4' is not valid; valid options: k1, k2, k3, abs"),
+    ("ppo.gamma=1.5", r"ppo.gamma=1.5 must be a finite number in \[0, 1\]"),
+])  # fmt: skip
+def test_bad_config_values_are_named_before_anything_runs(tmp_path: Path, override: str, message: str) -> None:
+    with pytest.raises(SoupsError, match=f"^{message}$"):
+        train_ppo.train(make_cfg(tmp_path / "no-model", tmp_path / "run", override), reward_set=rewards(), task=Task())
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_config_values_exit_2_with_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for override, message in (("ppo.lr=nan", "ppo.lr=nan must be"), ("mixed_precision=fp8", "mixed_precision='fp8'")):
+        done = subprocess.run([sys.executable, str(ROOT / "rl/train_ppo.py"), override, f"output_dir={tmp_path}/x"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
