@@ -18,6 +18,10 @@ summing to 0, and an output that another run writes at the same time (`soups.uti
 
 from __future__ import annotations
 
+from soups.cli import entry, precheck
+
+precheck(__name__, __file__, "../configs/mix")  # a bad command line fails here, before the heavy imports
+
 import json
 import time
 from collections.abc import Sequence
@@ -25,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -257,7 +260,7 @@ def run(cfg: DictConfig) -> MixSummary:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../configs/mix", config_name="config")
+@entry("../configs/mix")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -24,20 +24,23 @@ The Pareto metrics come from `evals.pareto`; the λ grid from `soups.simplex`; t
 
 from __future__ import annotations
 
+from soups.cli import entry, precheck
+
+precheck(__name__, __file__, "../configs/pareto")  # a bad command line fails here, before the heavy imports
+
 import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from soups.pareto_registry import Evaluator, ObjectiveStat, build_evaluator
-from soups.utils import SoupsError, atomic_dir, cli_errors, save_resolved_config, seed_everything, write_json
+from soups.utils import SoupsError, atomic_dir, save_resolved_config, seed_everything, write_json
 
 KINDS = ("expert", "soup", "morl", "init", "ensemble")
 
@@ -455,6 +458,34 @@ def _points(cfg: DictConfig, key: str) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def check_device_and_dtype(device: str, dtype: Any) -> torch.dtype:
+    """Checks `device=` and `dtype=` before anything is loaded; returns the resident model's torch dtype.
+
+    Raises:
+        SoupsError: an unknown or null dtype, a device torch cannot parse, or a CUDA device that is not there.
+    """
+    from soups.interpolate import parse_dtype
+
+    valid = "float32 (fp32), bfloat16 (bf16), float16 (fp16), float64"
+    try:
+        resolved = parse_dtype(dtype)
+    except SoupsError:
+        raise SoupsError(f"unknown dtype={dtype!r}; valid: {valid}") from None
+    if resolved is None:
+        raise SoupsError(f"dtype={dtype!r}: the resident model needs a dtype; valid: {valid}")
+    if device == "auto":
+        return resolved
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise SoupsError(f"device={device!r}: {err}; valid: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SoupsError(f"device={device!r} but CUDA is not available here; use device=cpu or device=auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SoupsError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return resolved
+
+
 def run_front(cfg: DictConfig) -> Path:
     """Generates the front described by `cfg` (see configs/pareto/config.yaml) and returns the output dir."""
     from accelerate import PartialState
@@ -465,9 +496,9 @@ def run_front(cfg: DictConfig) -> Path:
 
     # ---- set-up ------------------------------------------------------------------------------------------------
     # cpu=True lets accelerate form a gloo group of CPU processes (torchrun on a machine without CUDA)
+    dtype = check_device_and_dtype(str(cfg.device), cfg.dtype)
     state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     device = state.device if cfg.device == "auto" else torch.device(cfg.device)
-    dtype = getattr(torch, cfg.dtype)
     output = Path(cfg.output).absolute()
     if output.exists() and not cfg.overwrite:
         raise SoupsError(f"output {output} already exists; pass overwrite=true to replace it")
@@ -567,8 +598,7 @@ def _print_summary(output: Path, summary: Mapping[str, Any]) -> None:
         print(f"LMC gaps: min {lmc['min_gap']}, {100 * lmc['fraction_nonnegative']:.0f}% ≥ 0")
 
 
-@hydra.main(version_base="1.3", config_path="../configs/pareto", config_name="config")
-@cli_errors
+@entry("../configs/pareto")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: `python -m soups.pareto experts=[A,B] ...`."""
     run_front(cfg)

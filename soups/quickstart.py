@@ -20,6 +20,10 @@ torch/transformers instead of four); `launcher=python` or `launcher=accelerate` 
 
 from __future__ import annotations
 
+from soups.cli import entry, precheck
+
+precheck(__name__, __file__, "../configs/quickstart")  # a bad command line fails here, before the heavy imports
+
 import json
 import shlex
 import subprocess
@@ -29,10 +33,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from soups.utils import SoupsError, cli_errors, save_resolved_config, seed_everything
+from soups.utils import SoupsError, save_resolved_config, seed_everything
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -125,7 +128,7 @@ def compose_entry(entry: str, overrides: Sequence[str]) -> DictConfig:
 
 
 def _in_process(entry: str) -> Callable[[DictConfig], Any]:
-    """The body of an entry point's Hydra main (below `@hydra.main` and `@cli_errors`), to call with a config."""
+    """The body of an entry point's Hydra main (below `@entry`), to call with a config."""
     import importlib
     import inspect
 
@@ -299,8 +302,7 @@ def run_quickstart(cfg: DictConfig) -> Path:
     return front
 
 
-@hydra.main(version_base="1.3", config_path="../configs/quickstart", config_name="config")
-@cli_errors
+@entry("../configs/quickstart")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: `python -m soups.quickstart`."""
     run_quickstart(cfg)

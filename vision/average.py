@@ -31,6 +31,10 @@ with one pass over the source domains' training splits (`torch.optim.swa_utils.u
 
 from __future__ import annotations
 
+from soups.cli import entry, precheck
+
+precheck(__name__, __file__, "../configs/vision_average")  # a bad command line fails here, before the heavy imports
+
 import json
 import random
 from collections import defaultdict
@@ -39,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
@@ -47,7 +50,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from soups.selection import greedy_soup, uniform_soup
-from soups.utils import SoupsError, atomic_dir, cli_errors, save_resolved_config, seed_everything
+from soups.utils import SoupsError, atomic_dir, save_resolved_config, seed_everything
 from vision.data import make_splits
 from vision.evaluate import accuracy, build_classifier, build_dataset, eval_batches, resolve_device
 from vision.models import Classifier
@@ -359,8 +362,7 @@ def prepare_sweep(sweep_dir: str | Path, preset: str) -> None:
         raise SoupsError(f"preparing sweep {preset!r}: `{' '.join(command)}` failed (exit {proc.returncode})")
 
 
-@hydra.main(version_base="1.3", config_path="../configs/vision_average", config_name="config")
-@cli_errors
+@entry("../configs/vision_average")
 def main(cfg: DictConfig) -> None:
     if not cfg.sweep_dir:
         raise SoupsError("set sweep_dir=<a vision/sweep.py output_dir>")

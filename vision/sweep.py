@@ -24,6 +24,10 @@ subprocesses), `gpus` (one subprocess per GPU id, `CUDA_VISIBLE_DEVICES` set per
 
 from __future__ import annotations
 
+from soups.cli import entry, precheck
+
+precheck(__name__, __file__, "../configs/vision_sweep")  # a bad command line fails here, before the heavy imports
+
 import hashlib
 import importlib
 import json
@@ -36,11 +40,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from soups.utils import SoupsError, cli_errors, write_json
+from soups.utils import SoupsError, write_json
 from vision.evaluate import build_dataset
 
 # The recipes this driver launches, by module name: recipes do not import recipes. `train` runs a job in this
@@ -335,8 +338,7 @@ def fuse_featurizers(paths: Sequence[str], target: Path) -> str:
     return str(target)
 
 
-@hydra.main(version_base="1.3", config_path="../configs/vision_sweep", config_name="config")
-@cli_errors
+@entry("../configs/vision_sweep")
 def main(cfg: DictConfig) -> None:
     run_sweep(cfg)
 

@@ -20,6 +20,10 @@ Save (atomically, into `output`): `best.safetensors` (best mean source out accur
 
 from __future__ import annotations
 
+from soups.cli import entry, precheck
+
+precheck(__name__, __file__, "../configs/vision_train")  # a bad command line fails here, before the heavy imports
+
 import json
 import math
 import time
@@ -27,12 +31,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from soups.utils import SoupsError, atomic_dir, cli_errors, save_resolved_config, seed_everything, write_json
+from soups.utils import SoupsError, atomic_dir, save_resolved_config, seed_everything, write_json
 from vision.data import make_splits, seed_hash
 from vision.evaluate import (
     build_classifier,
@@ -198,8 +201,7 @@ def train_from_file(path: str) -> Path:
     return train(OmegaConf.load(path))
 
 
-@hydra.main(version_base="1.3", config_path="../configs/vision_train", config_name="config")
-@cli_errors
+@entry("../configs/vision_train")
 def main(cfg: DictConfig) -> None:
     out = train(cfg)
     summary = json.loads((out / "summary.json").read_text())

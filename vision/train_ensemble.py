@@ -24,6 +24,10 @@ is none), shifted-domain accuracy, inference parameters and forward time.
 
 from __future__ import annotations
 
+from soups.cli import entry, precheck
+
+precheck(__name__, __file__, "../configs/train_ensemble")  # a bad command line fails here, before the heavy imports
+
 import json
 import statistics
 import time
@@ -31,7 +35,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -40,7 +43,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from evals.ensemble import evaluate_ensemble
-from soups.utils import SoupsError, atomic_dir, cli_errors, save_resolved_config, seed_everything, write_json
+from soups.utils import SoupsError, atomic_dir, save_resolved_config, seed_everything, write_json
 from vision.data import MultiDomainDataset, get_dataset, make_splits
 from vision.ensembles.combine import majority_vote
 from vision.ensembles.methods import build_method, count_parameters
@@ -314,8 +317,7 @@ def _tracker(kind: str, out: Path) -> Any:
     return TensorBoardTracker("tb", out)
 
 
-@hydra.main(version_base="1.3", config_path="../configs/train_ensemble", config_name="config")
-@cli_errors
+@entry("../configs/train_ensemble")
 def main(cfg: DictConfig) -> None:
     metrics = run(cfg)
     e = metrics["ensemble"]
