@@ -198,11 +198,15 @@ def _make_tmp(target: Path) -> Path:
 def _lock_marker(tmp: Path) -> int:
     """Writes the marker into `tmp` and holds an exclusive lock on it for the life of the run, so that
     `clean_stale_tmp` of a concurrent run can tell this directory is in use. Returns the descriptor."""
-    fd = os.open(tmp / SOUPS_MARKER, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+    # Locked under another name, then renamed into place (the lock follows the file): a prober never sees the
+    # marker unlocked while this run is alive.
+    pending = tmp / f"{SOUPS_MARKER}.new"
+    fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        os.write(fd, _MARKER_TEXT.encode())
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, _MARKER_TEXT.encode())
+        os.rename(pending, tmp / SOUPS_MARKER)
     except BaseException:
         os.close(fd)
         raise
