@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rl.rewards import RewardSet
+from soups.cli import bar_disabled
 from soups.utils import SoupsError
 
 
@@ -109,7 +110,7 @@ def generate_responses(
     texts: list[str] = []
     try:
         starts = range(0, len(prompts), batch_size)
-        for start in tqdm(starts, desc="generate", disable=not show_progress, leave=False):
+        for start in tqdm(starts, desc="generate", disable=bar_disabled(show_progress), leave=False):
             batch = list(prompts[start : start + batch_size])
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(**enc, **kwargs)

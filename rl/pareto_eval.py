@@ -159,12 +159,18 @@ def ensemble_generate(
 
 def model_member(model: torch.nn.Module, adapter: str | None = None) -> Member:
     """A decoding member backed by an HF causal LM (optionally a named adapter of a `PeftModel`)."""
+    import inspect
+
+    # Recent transformers call the KV cache `cache` (argument and output) and deprecate `past_key_values`,
+    # warning on every use; older ones (down to our minimum, 4.45) only know `past_key_values`.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
     def member(ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
         if adapter is not None:
             model.set_adapter(adapter)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
-        return out.logits, out.past_key_values
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{name: past})
+        return out.logits, out[name]
 
     return member
 

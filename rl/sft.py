@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from soups.cli import bar_disabled
 from soups.utils import SoupsError
 
 
@@ -89,7 +90,7 @@ def sft_train(
     order: list[int] = []
     losses: list[float] = []
     model.train()
-    bar = tqdm(range(steps), desc="sft", disable=not show_progress, leave=False)
+    bar = tqdm(range(steps), desc="sft", disable=bar_disabled(show_progress), leave=False)
     for _ in bar:
         if len(order) < batch_size:
             fresh = list(range(len(prompts)))

@@ -266,6 +266,22 @@ def progress_bars_for_terminals_only() -> None:
         disable_progress_bar()
 
 
+def bar_disabled(enabled: bool) -> bool | None:
+    """tqdm's `disable=` for a bar: True when not wanted, else None, with which tqdm draws only on a terminal.
+
+    (`disable=False` would draw into log files too, one ever-growing line of carriage-return redraws.)
+    """
+    return None if enabled else True
+
+
+def _silence_known_library_warnings() -> None:
+    # peft (0.21) reads `model.is_gradient_checkpointing` in PeftModel.__init__, a property transformers 5
+    # deprecates with a FutureWarning on every adapter we build; nothing in our code reads it. Only that message.
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def _check_once(config_dir: Path, config_name: str) -> None:
     key = (str(config_dir), config_name, tuple(sys.argv[1:]))
     if key in _CHECKED:
@@ -295,6 +311,7 @@ def precheck(module_name: str, module_file: str, config_path: str, config_name: 
     """
     if module_name == "__main__":
         progress_bars_for_terminals_only()
+        _silence_known_library_warnings()
         _check_once(_config_dir(module_file, config_path), config_name)
 
 
@@ -323,6 +340,7 @@ def entry(config_path: str, config_name: str = "config") -> Callable[[Callable[[
         def main(cfg_passthrough: Any = None) -> Any:
             if cfg_passthrough is None:
                 progress_bars_for_terminals_only()
+                _silence_known_library_warnings()
                 _check_once(config_dir, config_name)
             return run(cfg_passthrough)
 

@@ -24,7 +24,7 @@ The Pareto metrics come from `evals.pareto`; the λ grid from `soups.simplex`; t
 
 from __future__ import annotations
 
-from soups.cli import entry, precheck
+from soups.cli import bar_disabled, entry, precheck
 
 precheck(__name__, __file__, "../configs/pareto")  # a bad command line fails here, before the heavy imports
 
@@ -525,12 +525,13 @@ def run_front(cfg: DictConfig) -> Path:
     }
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
+    main = state.is_local_main_process  # bars on one process only (and, by tqdm, only on a terminal)
 
     # ---- extra points: init and MORL runs, each loaded once (before the soup: one model in memory at a time) ----
     extras = [("init", e) for e in _points(cfg, "init")] + [("morl", e) for e in _points(cfg, "morl")]
     rows_local: list[tuple[int, dict[str, Any]]] = []
     with state.split_between_processes(list(enumerate(extras))) as mine:
-        for idx, (kind, entry) in tqdm(mine, desc="init/MORL", disable=not mine or not state.is_local_main_process):
+        for idx, (kind, entry) in tqdm(mine, desc="init/MORL", disable=bar_disabled(bool(mine) and main)):
             stats = _evaluate_checkpoint(entry["path"], evaluator, base_model=cfg.base_model or info["base"],
                                          device=device, dtype=dtype, seed=cfg.seed)
             rows_local.append((idx, make_row(kind, entry["name"], stats, lam=entry["mu"], seed=cfg.seed,
@@ -540,7 +541,7 @@ def run_front(cfg: DictConfig) -> Path:
     soup = open_soup(experts, base_model=cfg.base_model, device=device, dtype=dtype)
     offset = len(extras)
     with state.split_between_processes(list(enumerate(lambdas.tolist()))) as mine:
-        for idx, lam in tqdm(mine, desc="λ sweep", disable=not state.is_local_main_process):
+        for idx, lam in tqdm(mine, desc="λ sweep", disable=bar_disabled(main)):
             soup.set_weights(lam)
             seed_everything(cfg.seed)  # common random numbers: every λ sees the same prompts and sampling noise
             stats = evaluator.evaluate(soup.model)
@@ -559,7 +560,7 @@ def run_front(cfg: DictConfig) -> Path:
         if cfg.ensemble.every > 1:
             interior = interior[:: cfg.ensemble.every]
         with state.split_between_processes(list(enumerate(interior))) as mine:
-            for idx, lam in tqdm(mine, desc="ensemble", disable=not mine or not state.is_local_main_process):
+            for idx, lam in tqdm(mine, desc="ensemble", disable=bar_disabled(bool(mine) and main)):
                 seed_everything(cfg.seed)
                 stats = evaluator.evaluate_ensemble(lam)
                 rows_local.append((offset + idx, make_row("ensemble", _lambda_name(lam), stats, lam=lam,
