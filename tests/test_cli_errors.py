@@ -34,6 +34,8 @@ GROUP_ROWS = {"pareto": "evaluator=nope", "train_ppo": "task=nope", "train_ensem
 # The seed key (vision/sweep.py has no top-level seed; its soups' pair sampling has one).
 SEED_KEYS = {"vision_sweep": "average.seed"}
 
+TWO_EXPERTS = ["experts=[a.safetensors,b.safetensors]"]  # written into each row's directory by `results`
+
 ROWS: list[Any] = []
 for _name in ENTRY_POINTS:
     _group = GROUP_ROWS.get(_name, "hydra/launcher=nope")
@@ -51,8 +53,7 @@ ROWS += [
     pytest.param("pareto", ["dtype=float7"], "float7", id="pareto-dtype-float7"),
     pytest.param("mix", ["weights=0.5", "output=out"], "weights", id="mix-scalar-weights"),
     pytest.param("mix", ["experts=path", "output=out"], "experts", id="mix-string-experts"),
-    pytest.param("mix", ["experts=[a.safetensors,b.safetensors]", "weights=[0,0]", "allow_extrapolation=true"],
-                 "weights", id="mix-zero-weights-extrapolation"),  # fmt: skip
+    pytest.param("mix", [*TWO_EXPERTS, "weights=[0,0]", "allow_extrapolation=true"], "weights", id="mix-zero-sum"),
     pytest.param("train_ppo", ["ppo.lr=-1"], "ppo.lr", id="train_ppo-negative-lr"),
     pytest.param("train_ppo", ["ppo.lr=nan"], "ppo.lr", id="train_ppo-nan-lr"),
     pytest.param("train_ppo", ["mixed_precision=fp8"], "fp8", id="train_ppo-fp8"),
