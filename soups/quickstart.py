@@ -143,7 +143,9 @@ def command(entry: str, overrides: Sequence[str], launcher: str) -> list[str]:
     script = {"train_ppo": [str(Path(__file__).resolve().parents[1] / "rl" / "train_ppo.py")],
               "pareto": ["-m", "soups.pareto"], "mix": ["-m", "soups.mix"]}[entry]  # fmt: skip
     if launcher == "accelerate" and entry == "train_ppo":
-        return [sys.executable, "-m", "accelerate.commands.launch", *script, *overrides]
+        # The values accelerate otherwise defaults with a five-line warning (no `accelerate config` was run).
+        flags = ["--num_processes=1", "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
+        return [sys.executable, "-m", "accelerate.commands.launch", *flags, *script, *overrides]
     return [sys.executable, *script, *overrides]
 
 
