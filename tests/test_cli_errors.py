@@ -34,7 +34,8 @@ GROUP_ROWS = {"pareto": "evaluator=nope", "train_ppo": "task=nope", "train_ensem
 # The seed key (vision/sweep.py has no top-level seed; its soups' pair sampling has one).
 SEED_KEYS = {"vision_sweep": "average.seed"}
 
-TWO_EXPERTS = ["experts=[a.safetensors,b.safetensors]"]  # written into each row's directory by `results`
+# Two tiny experts that `results` writes into each row's directory.
+TWO_EXPERTS = ["experts=[a.safetensors,b.safetensors]", "output=out"]
 
 ROWS: list[Any] = []
 for _name in ENTRY_POINTS:
