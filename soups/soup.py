@@ -18,6 +18,15 @@ R = Σ r_i per module (A_cat = vstack(A_i), scaling 1, see `soups.lora`). Settin
 B_cat = hstack(λ_i s_i B_i): out×R numbers per module, no copy of the base, no merge. `modules_to_save`
 tensors are mixed like full checkpoints. The forward pass costs one rank-R LoRA per module.
 
+λ-batched forwards (`Soup.batched`, LoRA only). The mixed delta Σ_i λ_i s_i B_i A_i x = B_cat (c_λ ⊙ A_cat x),
+with c_λ = (λ_owner(j))_j over the R rank-1 columns, is linear in λ. So K mixes run in ONE batched forward, with
+no weight switch: B_cat holds hstack(s_i B_i) (λ = 1), and a forward hook on every concatenated lora_A scales
+each row's A_cat x by the c_λ of that row's λ. Rows are λ-major (row j of a batch of B rows belongs to λ
+j // (B/K)), which `generate` keeps: it expands the batch with `repeat_interleave` (num_return_sequences,
+beams) and reorders only within one prompt's beams, so the per-row λ follows every row and its KV cache.
+This is exact up to float rounding (the product is only associated differently). Full checkpoints (and LoRA
+soups with `modules_to_save`, whose mixed tensors are not applied per row) keep the in-place switch.
+
 Every tensor an expert provides must land in the model (and every model tensor must be provided), checked
 when the soup is built: the reference rewarded-soups code silently loaded nothing. Experts must be finite (NaN
 or Inf anywhere refuses the soup: 0·NaN = NaN would spoil every λ, even the other experts' vertices), and a
@@ -28,7 +37,8 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +59,7 @@ from soups.interpolate import (
 from soups.lora import check_compatible, concat_adapter_config, load_state_dict_strict, mix_modules, read_adapter
 from soups.utils import SoupsError
 
-__all__ = ["CHUNK", "Soup"]
+__all__ = ["CHUNK", "BatchedSoup", "Soup"]
 
 #: Elements per chunk when the stored experts are not float32 (bounds the float32 temporary).
 CHUNK = 1 << 24
@@ -214,6 +224,7 @@ class Soup:
         self._groups = groups
         self._lora_blocks = lora_blocks  # (B parameter, hstack(s_i B_i) float32 (out, R), owner index (R,))
         self._allow_extrapolation = allow_extrapolation
+        self._batched = False  # inside `batched`: B holds the λ = 1 blocks, set_weights must not touch it
         self.weights: tuple[float, ...] = ()
 
     def __len__(self) -> int:
@@ -236,6 +247,8 @@ class Soup:
         Raises:
             SoupsError: bad λ (count, sign, sum, NaN), or the model's tensors were replaced behind the soup's back.
         """
+        if self._batched:
+            raise SoupsError("set_weights inside Soup.batched(...): leave the batched context first")
         lam_list = validate_weights(weights, len(self.paths), self._allow_extrapolation)
         lam = torch.tensor(lam_list, dtype=torch.float32)
         for group in self._groups:
@@ -245,6 +258,59 @@ class Soup:
             param.data.copy_(blocks * lam_cols)
         self.weights = tuple(lam_list)
         return self.model
+
+    @contextmanager
+    def batched(self, lambdas: Sequence[Sequence[float]] | torch.Tensor) -> Iterator[BatchedSoup]:
+        """K mixes in one batched forward (LoRA soups only): each row of a batch runs at its own λ.
+
+        Inside the context `soup.model` computes, for row j of a batch of B rows, the soup at
+        λ_{j // (B/K)} (λ-major rows: `BatchedSoup.expand` lays a batch of prompts out so). `generate` works
+        unchanged, including with `num_return_sequences` and beams. On exit the model is back at `soup.weights`.
+
+        Args:
+            lambdas: K weight vectors, shape (K, N); each on the simplex unless the soup allows extrapolation.
+
+        Yields:
+            A `BatchedSoup` (its `model` is `soup.model`).
+
+        Raises:
+            SoupsError: a soup of full checkpoints or with `modules_to_save`, bad λ, a nested context, or (in a
+                forward) a batch whose size is not a multiple of K.
+        """
+        if not self._lora_blocks:
+            raise SoupsError("Soup.batched needs LoRA experts; a soup of full checkpoints switches weights in place "
+                             "(set_weights), one λ per forward")
+        if self._groups:
+            raise SoupsError("Soup.batched: these LoRA experts have modules_to_save (full tensors mixed per λ, not "
+                             "per row); evaluate them one λ at a time with set_weights")
+        if self._batched:
+            raise SoupsError("Soup.batched contexts cannot be nested")
+        rows = lambdas.tolist() if isinstance(lambdas, torch.Tensor) else [list(lam) for lam in lambdas]
+        if not rows:
+            raise SoupsError("Soup.batched needs at least one λ")
+        lam = torch.tensor([validate_weights(r, len(self.paths), self._allow_extrapolation) for r in rows],
+                           dtype=torch.float32)  # (K, N)
+        a_of_b = {}  # B parameter -> the lora_A module of the same layer
+        for module in self.model.modules():
+            lora_b = getattr(module, "lora_B", None)
+            if isinstance(lora_b, nn.ModuleDict) and "default" in lora_b:
+                a_of_b[id(lora_b["default"].weight)] = module.lora_A["default"]  # type: ignore[index]
+        batch = BatchedSoup(self.model, lam)
+        handles = []
+        self._batched = True
+        try:
+            with torch.no_grad():
+                for param, blocks, owner in self._lora_blocks:
+                    param.data.copy_(blocks)  # λ = 1: the rows' own λ are applied to A_cat x
+                    cols = lam.to(blocks.device)[:, owner]  # (K, R): row k's λ of the expert owning column j
+                    handles.append(a_of_b[id(param)].register_forward_hook(batch._hook(cols)))
+            yield batch
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._batched = False
+            if self.weights:
+                self.set_weights(self.weights)
 
     # ---- constructors ------------------------------------------------------------------------------------------
 
@@ -423,3 +489,43 @@ class Soup:
         soup = cls(model, [a.path for a in adapters], groups, lora_blocks, allow_extrapolation)
         soup.set_weights(weights if weights is not None else [1.0 / n] * n)
         return soup
+
+
+class BatchedSoup:
+    """The model of `Soup.batched`: row j of a batch of B rows runs at λ_{j // (B/K)} (λ-major).
+
+    Attributes:
+        model: The resident model (the soup's), with per-row λ hooks while the context is open.
+        lambdas: The K weight vectors, shape (K, N), float32.
+    """
+
+    def __init__(self, model: nn.Module, lambdas: torch.Tensor) -> None:
+        self.model = model
+        self.lambdas = lambdas
+
+    def __len__(self) -> int:
+        return int(self.lambdas.shape[0])
+
+    def expand(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A batch of P rows repeated for every λ, λ-major: shape (K·P, ...), rows k·P..(k+1)·P−1 at λ_k."""
+        return tensor.repeat(len(self), *([1] * (tensor.dim() - 1)))
+
+    def split(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The inverse of `expand` on outputs: (K·P, ...) -> (K, P, ...)."""
+        if tensor.shape[0] % len(self):
+            raise SoupsError(f"a batch of {tensor.shape[0]} rows does not split over {len(self)} λ")
+        return tensor.reshape(len(self), tensor.shape[0] // len(self), *tensor.shape[1:])
+
+    def _hook(self, cols: torch.Tensor) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]:
+        """A forward hook on a concatenated lora_A: its output (B, ..., R) scaled by each row's λ columns."""
+        k = len(self)
+
+        def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+            rows = out.shape[0]
+            if rows % k:
+                raise SoupsError(f"Soup.batched with {k} λ got a batch of {rows} rows; lay rows out λ-major "
+                                 "(BatchedSoup.expand), K·P rows")
+            scale = cols.to(out.dtype).repeat_interleave(rows // k, dim=0)  # (B, R)
+            return out * scale.view(rows, *([1] * (out.dim() - 2)), -1)
+
+        return hook
