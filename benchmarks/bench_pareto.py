@@ -41,7 +41,8 @@ def build_synthetic(root: Path, hidden: int, layers: int, seed: int = 0) -> None
     out like a quickstart dir (sft/, experts/{complete,faithful}/adapter), to time reloads of a bigger base."""
     from peft import LoraConfig, get_peft_model
 
-    from rl.tasks import SFTInitConfig, build_tiny_causal_lm, build_tokenizer
+    from rl.text.models import build_tiny_causal_lm, build_tokenizer
+    from rl.text.sft import SFTInitConfig
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
@@ -64,7 +65,7 @@ def build_synthetic(root: Path, hidden: int, layers: int, seed: int = 0) -> None
 def build_evaluator(root: Path, experts: list[str], n_prompts: int, max_new_tokens: int, synthetic: bool):  # noqa: ANN201
     from omegaconf import OmegaConf
 
-    from rl.pareto_eval import build_text_evaluator
+    from rl.text.evaluator import build_text_evaluator
 
     cfg = OmegaConf.create({
         "name": "text", "task": TASK if synthetic else None, "reward": REWARD if synthetic else None,

@@ -46,7 +46,7 @@ def build_model(path: Path, hidden: int, layers: int, seed: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rl.tasks import build_tokenizer
+    from rl.text.models import build_tokenizer
 
     torch.manual_seed(seed)
     tok = build_tokenizer()
@@ -60,7 +60,7 @@ def build_model(path: Path, hidden: int, layers: int, seed: int) -> None:
 
 
 def prompts(n: int) -> list[dict[str, Any]]:
-    from rl.tasks import FactsSummaryConfig, generate_facts_summary
+    from rl.text.task import FactsSummaryConfig, generate_facts_summary
 
     return generate_facts_summary(FactsSummaryConfig(seed=0), n, "train")
 
@@ -114,8 +114,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
 
     from rl import train_ppo
-    from rl.rewards import build_reward_set
-    from rl.tasks import PromptTask
+    from rl.text.rewards import build_reward_set
+    from rl.text.task import PromptTask
 
     timer = GenerateTimer()
     timer.install()

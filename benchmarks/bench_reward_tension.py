@@ -20,9 +20,10 @@ import time
 
 import torch
 
-from rl.evaluate import evaluate_policy, generate_responses
-from rl.rewards import build_reward_set, count_statements
-from rl.tasks import build_task, ensure_sft_init
+from rl.text.evaluator import evaluate_policy, generate_responses
+from rl.text.rewards import build_reward_set, count_statements
+from rl.text.sft import ensure_sft_init
+from rl.text.task import build_task
 from soups.utils import seed_everything, write_json
 
 

@@ -20,7 +20,7 @@ on resume every checkpoint is validated as a whole (manifest, JSON, safetensors,
 check of its opaque files) and the newest valid one is used.
 
 The reward scalarisation (MORL weights Σ μ_i R_i, running normalisation, finiteness checks) lives in
-`rl.rewards` and is re-exported here so every trainer takes it from one place.
+`rl.text.rewards` and is re-exported here so every trainer takes it from one place.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from rl.rewards import RewardSet, RunningNormalizer, build_reward_set, check_finite, morl_weights, scalarize
+from rl.text.rewards import RewardSet, RunningNormalizer, build_reward_set, check_finite, morl_weights, scalarize
 from soups.utils import SOUPS_MARKER, SoupsError, atomic_dir, save_resolved_config, write_json
 
 __all__ = [

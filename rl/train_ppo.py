@@ -41,8 +41,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rl import ppo, runtime
-from rl.policy import ActorCritic, adapter_state, build_policy, load_adapter_weights, load_tokenizer
 from rl.runtime import latest_checkpoint, rng_state, set_rng_state
+from rl.text.models import ActorCritic, adapter_state, build_policy, load_adapter_weights, load_tokenizer
 from soups.utils import SoupsError, atomic_dir, save_resolved_config, seed_everything, write_json
 
 CONFIG_PATH = "../configs/train_ppo"
@@ -329,7 +329,8 @@ def train(cfg: DictConfig, *, reward_set: Any = None, task: Any = None) -> Path:
     """
     from accelerate import Accelerator
 
-    from rl.tasks import build_task, ensure_sft_init
+    from rl.text.sft import ensure_sft_init
+    from rl.text.task import build_task
 
     # ---- set-up: config, accelerator, output dir, seed --------------------------------------------------
     n_minibatches = validate_config(cfg)

@@ -39,7 +39,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from soups.pareto_registry import Evaluator, ObjectiveStat, build_evaluator
+from soups.pareto_registry import Evaluator, ObjectiveStat, build_evaluator, check_experts
 from soups.utils import SoupsError, atomic_dir, save_resolved_config, seed_everything, write_json
 
 KINDS = ("expert", "soup", "morl", "init", "ensemble")
@@ -336,57 +336,6 @@ def read_trajectory(run_dir: str | Path, objectives: Sequence[str], keys: Sequen
 # ---------------------------------------------------------------------------------------------------------------
 # Loading the experts
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _resolve_base(name: str | None, adapter_dir: Path) -> str | None:
-    """An adapter's base id, made absolute when it is a local path (relative to the cwd or the adapter)."""
-    if not name:
-        return None
-    for candidate in (Path(name), adapter_dir / name):
-        if candidate.exists():
-            return str(candidate.resolve())
-    return name
-
-
-def check_experts(paths: Sequence[str]) -> dict[str, Any]:
-    """Checks that the experts can be mixed: all PEFT adapters on the same base, or all full checkpoints with the
-    same keys and shapes. Reads headers and configs only.
-
-    Returns:
-        {"kind": "peft" | "full", "base": base id/path or None}.
-
-    Raises:
-        SoupsError: a missing path, a mix of adapters and full checkpoints, adapters on different bases, or
-            checkpoints with different keys/shapes — naming both experts.
-    """
-    from soups.checkpoint import open_checkpoint
-
-    if not paths:
-        raise SoupsError("no experts given: set experts=[path1,path2,...]")
-    ckpts = [open_checkpoint(p) for p in paths]
-    kinds = ["peft" if c.kind == "peft" else "full" for c in ckpts]
-    bases: list[str | None] = [None] * len(ckpts)
-    if len(set(kinds)) > 1:
-        raise SoupsError(f"experts mix PEFT adapters and full checkpoints: {paths[0]} is {kinds[0]}, "
-                         f"{paths[kinds.index(next(k for k in kinds if k != kinds[0]))]} is not")
-    if kinds[0] == "peft":
-        bases = [
-            _resolve_base((ckpt.adapter_config or {}).get("base_model_name_or_path"), Path(path))
-            for ckpt, path in zip(ckpts, paths)
-        ]
-        for path, base in zip(paths[1:], bases[1:]):
-            if base != bases[0]:
-                raise SoupsError(f"experts have different bases: {paths[0]} is on {bases[0]}, {path} is on {base}")
-    first = ckpts[0]
-    for path, ckpt in zip(paths[1:], ckpts[1:]):
-        missing = sorted(set(first.keys()) ^ set(ckpt.keys()))
-        if missing:
-            raise SoupsError(f"experts have different tensors: {missing[0]!r} is in only one of {paths[0]} and {path}")
-        for key in first.keys():
-            if first.shape(key) != ckpt.shape(key):
-                raise SoupsError(f"experts have different bases: tensor {key!r} is {list(first.shape(key))} in "
-                                 f"{paths[0]} but {list(ckpt.shape(key))} in {path}")
-    return {"kind": kinds[0], "base": bases[0] if kinds[0] == "peft" else None}
 
 
 def load_base_model(base: str, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

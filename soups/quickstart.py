@@ -1,13 +1,16 @@
-"""`python -m soups.quickstart`: rewarded soups end to end, offline on CPU, on the embedded summarisation task.
+"""`python -m soups.quickstart`: rewarded soups end to end, offline on CPU, dispatched over task recipes.
 
-    python -m soups.quickstart                       # ≈ 10 minutes on 2 CPU cores; outputs in runs/quickstart/
-    python -m soups.quickstart experiment=smoke      # < 1 minute, for tests (learns nothing meaningful)
+    python -m soups.quickstart                       # task=summarisation; ≈ 1 minute on 2 CPU cores, runs/quickstart/
+    python -m soups.quickstart experiment=smoke      # seconds, for tests (learns nothing meaningful)
+    python -m soups.quickstart task=<name>           # another expert family's recipe (an unknown name lists them)
 
+`task=<name>` picks a recipe from `soups.quickstart_registry` (registered by the family's own subpackage, e.g.
+`rl.text.quickstart` for `summarisation`, imported by name) and its settings from `configs/quickstart/task/`.
 Stages (each skipped when its output exists, so an interrupted quickstart resumes where it stopped):
 
-1. `sft/`: the shared init, a tiny LLaMA SFT-trained on imperfect summaries (`rl.tasks.ensure_sft_init`).
-2. `experts/<reward>/`: one LoRA PPO expert per reward from that init (`rl/train_ppo.py reward=<reward>`).
-3. `morl/mu<μ>/`: the MORL baseline on Σ μ_i R_i (`rl/train_ppo.py reward=morl reward.weights=[μ]`).
+1. `<init>/`: the shared init (summarisation: `sft/`, a tiny LLaMA SFT-trained on imperfect summaries).
+2. `experts/<reward>/`: one expert per reward from that init (summarisation: `rl/train_ppo.py reward=<reward>`).
+3. `morl/mu<μ>/`: the MORL baseline on Σ μ_i R_i (summarisation: `rl/train_ppo.py reward=morl reward.weights=[μ]`).
 4. `front/`: the rewarded-soups front against MORL and the init (`python -m soups.pareto ...`):
    front.jsonl, summary.json (hypervolumes, LMC gaps, EUM) and front.png.
 5. `soup/`: one interpolated soup written as an ordinary HF checkpoint (`python -m soups.mix ...`).
@@ -33,30 +36,17 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from soups.quickstart_registry import SOUPS_ENTRY_POINTS, EntryPoint, Recipe, get_recipe, hydra_list, hydra_value
 from soups.utils import SoupsError, save_resolved_config, seed_everything
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REPO = Path(__file__).resolve().parents[1]
+REPO_CONFIGS = REPO / "configs"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Stage commands (pure: overrides only)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _list(values: Sequence[Any]) -> str:
-    """A Hydra list override value: [a,b,c] (strings quoted when they hold Hydra-special characters)."""
-    return "[" + ",".join(_value(v) for v in values) + "]"
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, str):
-        return f"'{value}'" if any(c in value for c in " ,=[]{}'\":") else value
-    if isinstance(value, Sequence):
-        return _list(value)
-    if isinstance(value, Mapping):
-        return "{" + ",".join(f"{k}:{_value(v)}" for k, v in value.items()) + "}"
-    return json.dumps(value)
 
 
 def mu_name(weights: Sequence[float]) -> str:
@@ -69,30 +59,32 @@ def mu_name(weights: Sequence[float]) -> str:
     return "mu" + "-".join(f"{float(w):.2f}" for w in weights)
 
 
+def recipe_of(cfg: DictConfig) -> Recipe:
+    """The recipe of the config's task (`task=<name>`, configs/quickstart/task/<name>.yaml)."""
+    return get_recipe(str(cfg.task))
+
+
 def train_overrides(cfg: DictConfig, reward: str, output: Path, weights: Sequence[float] | None = None) -> list[str]:
-    """`rl/train_ppo.py` overrides of one expert (`reward=<name>`) or one MORL run (`reward=morl`)."""
-    overrides = [f"reward={'morl' if weights is not None else reward}", f"output_dir={output}",
-                 f"model.name_or_path={Path(cfg.output_dir).absolute() / 'sft'}", f"seed={cfg.seed}",
-                 "overwrite=true"]  # fmt: skip
-    if weights is not None:
-        overrides.append(f"reward.weights={_list([float(w) for w in weights])}")
-    return overrides + [str(o) for o in cfg.train]
+    """The task trainer's overrides of one expert (objective `reward`) or one MORL run (`weights` μ)."""
+    return list(recipe_of(cfg).train_overrides(cfg, reward, output, weights))
 
 
 def pareto_overrides(
     cfg: DictConfig, experts: Sequence[Path], morl: Sequence[tuple[Path, Sequence[float]]]
 ) -> list[str]:
     """`python -m soups.pareto` overrides of the front: experts, MORL runs with their μ, init, trajectories."""
+    recipe = recipe_of(cfg)
     out = Path(cfg.output_dir).absolute()
-    morl_entries = [{"path": str(p / "adapter"), "name": f"MORL μ={float(w[0]):.2f}", "mu": [float(x) for x in w]}
+    sub = recipe.expert_subdir
+    morl_entries = [{"path": str(p / sub), "name": f"MORL μ={float(w[0]):.2f}", "mu": [float(x) for x in w]}
                     for p, w in morl]  # fmt: skip
     runs = [str(p) for p in experts] + [str(p) for p, _ in morl]
     return [
-        f"experts={_list([str(p / 'adapter') for p in experts])}",
-        f"expert_names={_list(list(cfg.experts))}",
-        f"morl={_value(morl_entries)}",
-        f"init={out / 'sft'}",
-        f"trajectories={_list(runs)}",
+        f"experts={hydra_list([str(p / sub) for p in experts])}",
+        f"expert_names={hydra_list(list(cfg.experts))}",
+        f"morl={hydra_value(morl_entries)}",
+        f"init={out / recipe.init_dir}",
+        f"trajectories={hydra_list(runs)}",
         f"output={out / 'front'}",
         "overwrite=true",
         f"seed={cfg.seed}",
@@ -102,8 +94,9 @@ def pareto_overrides(
 def mix_overrides(cfg: DictConfig, experts: Sequence[Path]) -> list[str]:
     """`python -m soups.mix` overrides writing one soup of the experts as a merged HF checkpoint."""
     out = Path(cfg.output_dir).absolute()
-    return [f"experts={_list([str(p / 'adapter') for p in experts])}",
-            f"weights={_list([float(w) for w in cfg.mix.weights])}", f"output={out / 'soup'}", "overwrite=true",
+    sub = recipe_of(cfg).expert_subdir
+    return [f"experts={hydra_list([str(p / sub) for p in experts])}",
+            f"weights={hydra_list([float(w) for w in cfg.mix.weights])}", f"output={out / 'soup'}", "overwrite=true",
             "lora_output=merged", "progress=false"]  # fmt: skip
 
 
@@ -127,46 +120,54 @@ def compose_entry(entry: str, overrides: Sequence[str]) -> DictConfig:
         restore_gh_from_backup(backup)
 
 
-def _in_process(entry: str) -> Callable[[DictConfig], Any]:
+def entry_point(entry: str | EntryPoint, recipe: Recipe | None = None) -> EntryPoint:
+    """The entry point named `entry`: the front or the soup (shared), else the recipe's trainer."""
+    if isinstance(entry, EntryPoint):
+        return entry
+    if entry in SOUPS_ENTRY_POINTS:
+        return SOUPS_ENTRY_POINTS[entry]
+    if recipe is not None and entry == recipe.trainer.config:
+        return recipe.trainer
+    known = sorted(SOUPS_ENTRY_POINTS) + ([recipe.trainer.config] if recipe is not None else [])
+    raise SoupsError(f"quickstart: no entry point {entry!r}; known: {', '.join(known)}")
+
+
+def _in_process(entry: str | EntryPoint, recipe: Recipe | None = None) -> Callable[[DictConfig], Any]:
     """The body of an entry point's Hydra main (below `@entry`), to call with a config."""
     import importlib
     import inspect
 
-    module = {"train_ppo": "rl.train_ppo", "pareto": "soups.pareto", "mix": "soups.mix"}.get(entry)
-    if module is None:
-        raise SoupsError(f"quickstart: no in-process runner for {entry!r}")
-    return inspect.unwrap(importlib.import_module(module).main)
+    return inspect.unwrap(importlib.import_module(entry_point(entry, recipe).module).main)
 
 
-def command(entry: str, overrides: Sequence[str], launcher: str) -> list[str]:
+def command(entry: EntryPoint, overrides: Sequence[str], launcher: str) -> list[str]:
     """The shell command of an entry point for `launcher` (python or accelerate)."""
-    script = {"train_ppo": [str(Path(__file__).resolve().parents[1] / "rl" / "train_ppo.py")],
-              "pareto": ["-m", "soups.pareto"], "mix": ["-m", "soups.mix"]}[entry]  # fmt: skip
-    if launcher == "accelerate" and entry == "train_ppo":
+    script = list(entry.argv) if entry.argv[0] == "-m" else [str(REPO / entry.argv[0]), *entry.argv[1:]]
+    if launcher == "accelerate" and entry.accelerate:
         # The values accelerate otherwise defaults with a five-line warning (no `accelerate config` was run).
         flags = ["--num_processes=1", "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
         return [sys.executable, "-m", "accelerate.commands.launch", *flags, *script, *overrides]
     return [sys.executable, *script, *overrides]
 
 
-def run_stage(name: str, entry: str, overrides: Sequence[str], cfg: DictConfig) -> float:
+def run_stage(name: str, entry: str | EntryPoint, overrides: Sequence[str], cfg: DictConfig) -> float:
     """Runs one stage with the configured launcher; returns its wall time in seconds.
 
     Raises:
         SoupsError: the stage failed (a subprocess's log tail is in the message's log file).
     """
-    shown = {"train_ppo": "python rl/train_ppo.py", "pareto": "python -m soups.pareto", "mix": "python -m soups.mix"}
-    print(f"  $ {shown[entry]} {' '.join(shlex.quote(o) for o in overrides)}", flush=True)
+    point = entry_point(entry, recipe_of(cfg))
+    print(f"  $ {point.shown} {' '.join(shlex.quote(o) for o in overrides)}", flush=True)
     t0 = time.perf_counter()
     if cfg.launcher == "inprocess":
-        _in_process(entry)(compose_entry(entry, overrides))
+        _in_process(point)(compose_entry(point.config, overrides))
         return time.perf_counter() - t0
     if cfg.launcher not in ("python", "accelerate"):
         raise SoupsError(f"launcher={cfg.launcher!r}; valid: inprocess, python, accelerate")
     log = Path(cfg.output_dir).absolute() / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as handle:
-        proc = subprocess.run(command(entry, overrides, cfg.launcher), stdout=handle, stderr=subprocess.STDOUT,
+        proc = subprocess.run(command(point, overrides, cfg.launcher), stdout=handle, stderr=subprocess.STDOUT,
                               cwd=Path.cwd(), check=False)  # fmt: skip
     if proc.returncode != 0:
         tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:]
@@ -246,9 +247,8 @@ def report(front_dir: Path, names: Sequence[str], seconds: float) -> str:
 
 def run_quickstart(cfg: DictConfig) -> Path:
     """Runs the stages of `cfg` (configs/quickstart/config.yaml), skipping finished ones; returns the front dir."""
-    from rl.tasks import ensure_sft_init
-
     # ---- set-up ------------------------------------------------------------------------------------------------
+    recipe = recipe_of(cfg)  # an unknown task fails here, before anything is written
     out = Path(cfg.output_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, out, name="quickstart.yaml")
@@ -261,21 +261,20 @@ def run_quickstart(cfg: DictConfig) -> Path:
     n_stages = 3 + len(experts) + len(morl)
 
     # ---- 1. shared init ----------------------------------------------------------------------------------------
-    print(f"[1/{n_stages}] shared SFT init -> {out / 'sft'}", flush=True)
-    overrides = OmegaConf.to_container(cfg.sft.overrides, resolve=True) if cfg.sft.overrides else None
-    ensure_sft_init(out / "sft", seed=cfg.seed, smoke=cfg.sft.smoke, overrides=overrides)
+    print(f"[1/{n_stages}] {recipe.init_label} -> {out / recipe.init_dir}", flush=True)
+    recipe.build_init(cfg, out / recipe.init_dir)
 
-    # ---- 2-3. experts and MORL runs (PPO from the shared init) -------------------------------------------------
+    # ---- 2-3. experts and MORL runs (the task's trainer, from the shared init) ---------------------------------
     stage = 1
     jobs = [(f"expert_{r}", d, str(r), None) for r, d in zip(cfg.experts, experts)]
     jobs += [(f"morl_{d.name}", d, "morl", w) for d, w in morl]
     for name, directory, reward, weights in jobs:
         stage += 1
-        if (directory / "adapter" / "adapter_config.json").is_file():
-            print(f"[{stage}/{n_stages}] {name}: done, reusing {directory / 'adapter'}", flush=True)
+        if (directory / recipe.expert_subdir / recipe.done_file).is_file():
+            print(f"[{stage}/{n_stages}] {name}: done, reusing {directory / recipe.expert_subdir}", flush=True)
             continue
         print(f"[{stage}/{n_stages}] {name} -> {directory}", flush=True)
-        run_stage(name, "train_ppo", train_overrides(cfg, reward, directory, weights), cfg)
+        run_stage(name, recipe.trainer, train_overrides(cfg, reward, directory, weights), cfg)
 
     # ---- 4. the front ------------------------------------------------------------------------------------------
     stage += 1

@@ -30,7 +30,12 @@ ENTRY_POINTS = {
     "train_ensemble": [str(REPO / "vision" / "train_ensemble.py")],
 }
 # An unknown option of a config group of the entry point's own (Hydra's launcher group where it has none).
-GROUP_ROWS = {"pareto": "evaluator=nope", "train_ppo": "task=nope", "train_ensemble": "method=nope"}
+GROUP_ROWS = {
+    "pareto": "evaluator=nope",
+    "train_ppo": "task=nope",
+    "train_ensemble": "method=nope",
+    "quickstart": "task=nope",
+}
 # The seed key (vision/sweep.py has no top-level seed; its soups' pair sampling has one).
 SEED_KEYS = {"vision_sweep": "average.seed"}
 

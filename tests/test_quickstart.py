@@ -117,7 +117,8 @@ def test_readme_mix_then_from_pretrained_and_peft(tmp_path: Path) -> None:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rl.tasks import SFTInitConfig, build_tiny_causal_lm, build_tokenizer
+    from rl.text.models import build_tiny_causal_lm, build_tokenizer
+    from rl.text.sft import SFTInitConfig
 
     tokenizer = build_tokenizer()
     torch.manual_seed(0)

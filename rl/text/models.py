@@ -1,4 +1,6 @@
-"""The PPO policy: a causal LM (Hub id or local path) with a LoRA adapter (peft) and a value head.
+"""The text family's models: the PPO policy, and the tiny tokenizer and causal LM of the embedded task.
+
+The PPO policy is a causal LM (Hub id or local path) with a LoRA adapter (peft) and a value head.
 
 One copy of the base model serves three roles:
 - the policy π_θ: base + trainable LoRA adapter;
@@ -11,6 +13,9 @@ The shared init is the SFT model plus, optionally, an existing adapter that keep
 8-/4-bit base loading goes through bitsandbytes (`BitsAndBytesConfig`) and is only offered with a CUDA GPU.
 The value head is written here (a `nn.Linear`) rather than taken from trl because trl's value-head model
 belongs to the PPO code that trl moved to `trl.experimental` and drops after 1.12.
+
+The embedded task's tokenizer (`build_tokenizer`, word-level over `rl.text.task.task_words`) and its tiny
+decoder-only model (`build_tiny_causal_lm`) are built from config, offline, and save/load like Hub ones.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rl.text.task import EOS, PAD, UNK, task_words
 from soups.utils import SoupsError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -263,3 +269,52 @@ def load_adapter_weights(policy: nn.Module, adapter_dir: str | Path) -> None:
     result = set_peft_model_state_dict(policy, state)
     if result.unexpected_keys:
         raise SoupsError(f"{path}: keys did not land in the policy: {sorted(result.unexpected_keys)[:3]}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer and tiny model of the embedded task
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_tokenizer() -> Any:
+    """The word-level tokenizer of the embedded task (WordLevel + PreTrainedTokenizerFast, left padding)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([PAD, UNK, EOS, *task_words()])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=PAD, unk_token=UNK, eos_token=EOS, bos_token=EOS, padding_side="left"
+    )
+    tokenizer.model_max_length = 128
+    return tokenizer
+
+
+def build_tiny_causal_lm(cfg: Any, vocab_size: int, pad_token_id: int, eos_token_id: int) -> Any:
+    """A tiny decoder-only model from config (random init, seeded by the caller).
+
+    Args:
+        cfg: The model shape: `arch` ("llama" or "gpt2"), `hidden_size`, `num_layers`, `num_heads` (an
+            `rl.text.sft.SFTInitConfig`).
+        vocab_size: Rows of the embedding.
+        pad_token_id: The tokenizer's pad id.
+        eos_token_id: The tokenizer's eos id (also the bos id).
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if cfg.arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+            max_position_embeddings=128, pad_token_id=pad_token_id, bos_token_id=eos_token_id,
+            eos_token_id=eos_token_id, tie_word_embeddings=True,
+        )  # fmt: skip
+        return LlamaForCausalLM(config)
+    if cfg.arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size, n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+            n_positions=128, pad_token_id=pad_token_id, bos_token_id=eos_token_id, eos_token_id=eos_token_id,
+        )  # fmt: skip
+        return GPT2LMHeadModel(config)
+    raise SoupsError(f"sft init: unknown arch {cfg.arch!r}; valid: gpt2, llama")

@@ -1,9 +1,9 @@
 """Tiny reward MODELS for the embedded task, so the model-reward path runs end to end offline.
 
 `ensure_reward_models(dir)` trains two small BERT sequence classifiers (from config, random init) on
-synthetic preference pairs labelled by the rule rewards of `rl.rewards`, and saves each with
+synthetic preference pairs labelled by the rule rewards of `rl.text.rewards`, and saves each with
 `save_pretrained` beside its tokenizer. They are then loaded exactly as a Hub reward model is
-(`rl.rewards.ModelReward`), with the paper's two scoring conventions:
+(`rl.text.rewards.ModelReward`), with the paper's two scoring conventions:
 
 - `complete`: one logit (num_labels = 1) read as the reward, on the single text
   ``<document> summary : <response>`` — like the completeness model `Tristan/gpt2_reward_summarization`.
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from rl.rewards import REWARDS, CompleteReward, FaithfulReward, ModelReward, label_score
-from rl.tasks import (
+from rl.text.rewards import REWARDS, CompleteReward, FaithfulReward, ModelReward, label_score
+from rl.text.task import (
     ENTITIES,
     RELATIONS,
     VALUES,
@@ -305,7 +305,7 @@ def read_reward_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The scoring convention saved beside a tiny reward model: label, minus_label, text, text_pair."""
     info_path = Path(path) / INFO_FILE
     if not info_path.exists():
-        raise SoupsError(f"{path} has no {INFO_FILE}; build it with rl.reward_models.ensure_reward_models")
+        raise SoupsError(f"{path} has no {INFO_FILE}; build it with rl.text.reward_models.ensure_reward_models")
     return dict(json.loads(info_path.read_text())["reward"])
 
 
@@ -321,7 +321,7 @@ def embedded_reward_model(
     name: str | None = None,
 ) -> ModelReward:
     """A tiny reward model of the embedded task, built on first use if missing, then loaded by path through
-    `ModelReward`, the same code a Hub reward model goes through. Registered here, not in `rl.rewards` (which
+    `ModelReward`, the same code a Hub reward model goes through. Registered here, not in `rl.text.rewards` (which
     names this module in `REWARD_MODULES`), so that the rule rewards do not import the models built on them.
 
     Args:

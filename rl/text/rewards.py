@@ -5,7 +5,7 @@ training trajectories can be drawn in objective space) and scalarises them into 
 optimises: a single objective (an expert, one-hot weights μ) or the MORL baseline Σ_i μ_i R_i.
 
 Objectives are picked by name from `REWARDS`:
-- `complete` / `faithful`: rule rewards of the embedded `facts_summary` task (see `rl.tasks`). They are in
+- `complete` / `faithful`: rule rewards of the embedded `facts_summary` task (see `rl.text.task`). They are in
   tension by design, as completeness and faithfulness reward models are in the rewarded-soups paper:
   `complete` credits every (entity, relation) slot of a document entity the summary addresses (1 when the
   stated fact is true, `partial_credit` when it is made up or wrong), so stating more is rewarded even
@@ -16,7 +16,7 @@ Objectives are picked by name from `REWARDS`:
   label or the difference of two labels, with a per-model input template (e.g. summary + document as a text
   pair for the faithfulness detector).
 - `embedded_reward_model`: a tiny reward model of the embedded task, trained on the rule rewards; registered by
-  `rl.reward_models`, which `REWARD_MODULES` names so it is imported on first use.
+  `rl.text.reward_models`, which `REWARD_MODULES` names so it is imported on first use.
 
 The rule rewards are written here (not taken from a library) because they read the task's own fact triples;
 the running normaliser is a few lines of Welford/Chan updates, kept here so its state resumes exactly.
@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import torch
 
-from rl.tasks import parse_statements
+from rl.text.task import parse_statements
 from soups.registry import Registry
 from soups.utils import SoupsError
 
@@ -60,10 +60,10 @@ class RewardFn(Protocol):
 
 
 REWARDS: Registry[Callable[..., RewardFn]] = Registry("reward")
-# Rewards registered by other modules, imported by name when first asked for. `rl.reward_models` trains its tiny
+# Rewards registered by other modules, imported by name when first asked for. `rl.text.reward_models` trains its tiny
 # models on the rule rewards below, so it imports this module; naming it here (data) instead of importing it
 # keeps the dependency one-directional.
-REWARD_MODULES: dict[str, str] = {"embedded_reward_model": "rl.reward_models"}
+REWARD_MODULES: dict[str, str] = {"embedded_reward_model": "rl.text.reward_models"}
 
 
 # ----------------------------------------------------------------------------------------------------------

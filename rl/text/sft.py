@@ -1,5 +1,8 @@
 """Supervised fine-tuning of a causal LM on (prompt, target) pairs: the shared init of the RL experts.
 
+`ensure_sft_init` builds the embedded task's shared init (a tiny decoder-only model SFT-trained on imperfect
+summaries, `SFTInitConfig`) once per directory; the quickstart and `rl/train_ppo.py` start every expert from it.
+
 The loss is the next-token cross-entropy on the target tokens only (prompt tokens are masked with -100),
 with an end-of-sequence token appended to every target so the model learns when to stop. It is a plain
 loop rather than `transformers.Trainer` because the embedded init must build in about a minute on CPU,
@@ -8,13 +11,19 @@ deterministically, with no output directory of its own (the caller saves the mod
 
 from __future__ import annotations
 
+import json
+import os
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from rl.text.models import build_tiny_causal_lm, build_tokenizer
+from rl.text.task import FactsSummaryConfig, default_cache_dir, generate_facts_summary
 from soups.cli import bar_disabled
 from soups.utils import SoupsError
 
@@ -120,3 +129,91 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shared init of the embedded task
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTInitConfig:
+    """The tiny policy and its SFT run. `smoke=True` in `ensure_sft_init` shrinks steps for tests."""
+
+    seed: int = 0
+    arch: str = "llama"  # "llama" or "gpt2"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    n_train: int = 4096
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 3e-3
+
+
+def ensure_sft_init(
+    output_dir: str | os.PathLike[str] | None = None,
+    *,
+    seed: int = 0,
+    smoke: bool = False,
+    overrides: Mapping[str, Any] | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Builds (if missing) the SFT model + tokenizer of the embedded task and returns its directory.
+
+    Idempotent and deterministic: an existing complete directory (with `sft_info.json`) is returned as is.
+    The directory is written atomically, so a killed build leaves nothing half-written. The SFT data are
+    imperfect summaries drawn from the task generator with a seed disjoint from the RL prompts.
+
+    Args:
+        output_dir: Target directory; default `<cache>/facts_summary_sft/seed<seed>[-smoke]`.
+        seed: Seeds the data, the init and the SFT order.
+        smoke: A few-second build (fewer steps and samples) for tests; same model shape.
+        overrides: Fields of `SFTInitConfig` to change (e.g. {"arch": "gpt2", "steps": 100}).
+        show_progress: Draw a tqdm bar over SFT steps.
+
+    Returns:
+        The directory, loadable with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`.
+    """
+    settings = SFTInitConfig(seed=seed)
+    if smoke:
+        settings.n_train, settings.steps, settings.batch_size = 512, 60, 16
+    for key, value in dict(overrides or {}).items():
+        if not hasattr(settings, key):
+            raise SoupsError(f"sft init: unknown setting {key!r}; valid: {', '.join(f.name for f in fields(settings))}")
+        setattr(settings, key, value)
+    if output_dir is None:
+        output_dir = default_cache_dir() / "facts_summary_sft" / f"seed{seed}{'-smoke' if smoke else ''}"
+    target = Path(output_dir)
+    info_path = target / "sft_info.json"
+    if info_path.exists():
+        built = json.loads(info_path.read_text()).get("settings", {})
+        if built != asdict(settings):
+            raise SoupsError(f"sft init: {target} was built with other settings {built}; remove it or pick another dir")
+        return target
+
+    from soups.utils import atomic_dir, seed_everything, write_json
+
+    seed_everything(settings.seed)
+    tokenizer = build_tokenizer()
+    model = build_tiny_causal_lm(settings, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    data_cfg = FactsSummaryConfig(seed=settings.seed)
+    samples = generate_facts_summary(data_cfg, settings.n_train, "sft")
+    with torch.device("cpu"):
+        losses = sft_train(
+            model, tokenizer, [s["prompt"] for s in samples], [s["reference"] for s in samples],
+            steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed,
+            show_progress=show_progress,
+        )  # fmt: skip
+    try:
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / "sft_info.json", {
+                "task": "facts_summary", "settings": asdict(settings), "data": asdict(data_cfg),
+                "final_loss": losses[-1] if losses else None, "loss_curve": losses[:: max(1, len(losses) // 50)],
+            })  # fmt: skip
+    except SoupsError:
+        if not info_path.exists():  # another process finished the same build first: that one is as good
+            raise
+    return target

@@ -7,19 +7,18 @@ The embedded task (`facts_summary`) is synthetic summarisation generated from a 
 facts about animals, e.g. ``the fox is red . the fox eats berries . the owl lives in the forest .``; the
 prompt is the document followed by ``summary :``. Each fact is a triple (entity, relation, value) with
 three relations (`color`, `habitat`, `food`) written with fixed templates, so a response can be parsed
-back into triples exactly (`parse_statements`) and scored by rule rewards (`rl.rewards`).
+back into triples exactly (`parse_statements`) and scored by rule rewards (`rl.text.rewards`).
 
 The shared init of the embedded task is a tiny decoder-only model SFT-trained on IMPERFECT reference
-summaries (some facts dropped, some facts contradicted or made up), built by `ensure_sft_init`. We write
-the task generator and the word-level tokenizer ourselves because no library ships a deterministic,
-offline, parseable summarisation task; the tokenizer itself is `tokenizers.WordLevel` wrapped in
-`PreTrainedTokenizerFast`, so it saves and loads like any Hub tokenizer.
+summaries (some facts dropped, some facts contradicted or made up), built by `rl.text.sft.ensure_sft_init`.
+We write the task generator and the word-level tokenizer (`rl.text.models.build_tokenizer`) ourselves because
+no library ships a deterministic, offline, parseable summarisation task; the tokenizer itself is
+`tokenizers.WordLevel` wrapped in `PreTrainedTokenizerFast`, so it saves and loads like any Hub tokenizer.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -352,137 +351,9 @@ def build_hf_dataset(cfg: Mapping[str, Any]) -> PromptTask:
     )
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Tokenizer and SFT init of the embedded task
-# ----------------------------------------------------------------------------------------------------------
-
-
-def build_tokenizer() -> Any:
-    """The word-level tokenizer of the embedded task (WordLevel + PreTrainedTokenizerFast, left padding)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate([PAD, UNK, EOS, *task_words()])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token=PAD, unk_token=UNK, eos_token=EOS, bos_token=EOS, padding_side="left"
-    )
-    tokenizer.model_max_length = 128
-    return tokenizer
-
-
-@dataclass
-class SFTInitConfig:
-    """The tiny policy and its SFT run. `smoke=True` in `ensure_sft_init` shrinks steps for tests."""
-
-    seed: int = 0
-    arch: str = "llama"  # "llama" or "gpt2"
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    n_train: int = 4096
-    steps: int = 600
-    batch_size: int = 32
-    lr: float = 3e-3
-
-
-def build_tiny_causal_lm(cfg: SFTInitConfig, vocab_size: int, pad_token_id: int, eos_token_id: int) -> Any:
-    """A tiny decoder-only model from config (random init, seeded by the caller)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    if cfg.arch == "llama":
-        config = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-            max_position_embeddings=128, pad_token_id=pad_token_id, bos_token_id=eos_token_id,
-            eos_token_id=eos_token_id, tie_word_embeddings=True,
-        )  # fmt: skip
-        return LlamaForCausalLM(config)
-    if cfg.arch == "gpt2":
-        config = GPT2Config(
-            vocab_size=vocab_size, n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
-            n_positions=128, pad_token_id=pad_token_id, bos_token_id=eos_token_id, eos_token_id=eos_token_id,
-        )  # fmt: skip
-        return GPT2LMHeadModel(config)
-    raise SoupsError(f"sft init: unknown arch {cfg.arch!r}; valid: gpt2, llama")
-
-
 def default_cache_dir() -> Path:
     """Where built artefacts of the embedded task go by default: $SOUPS_CACHE or ~/.cache/soups."""
     return Path(os.environ.get("SOUPS_CACHE", Path.home() / ".cache" / "soups"))
-
-
-def ensure_sft_init(
-    output_dir: str | os.PathLike[str] | None = None,
-    *,
-    seed: int = 0,
-    smoke: bool = False,
-    overrides: Mapping[str, Any] | None = None,
-    show_progress: bool = True,
-) -> Path:
-    """Builds (if missing) the SFT model + tokenizer of the embedded task and returns its directory.
-
-    Idempotent and deterministic: an existing complete directory (with `sft_info.json`) is returned as is.
-    The directory is written atomically, so a killed build leaves nothing half-written. The SFT data are
-    imperfect summaries drawn from the task generator with a seed disjoint from the RL prompts.
-
-    Args:
-        output_dir: Target directory; default `<cache>/facts_summary_sft/seed<seed>[-smoke]`.
-        seed: Seeds the data, the init and the SFT order.
-        smoke: A few-second build (fewer steps and samples) for tests; same model shape.
-        overrides: Fields of `SFTInitConfig` to change (e.g. {"arch": "gpt2", "steps": 100}).
-        show_progress: Draw a tqdm bar over SFT steps.
-
-    Returns:
-        The directory, loadable with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`.
-    """
-    from rl.sft import sft_train  # local import: keeps `import rl.tasks` light
-
-    settings = SFTInitConfig(seed=seed)
-    if smoke:
-        settings.n_train, settings.steps, settings.batch_size = 512, 60, 16
-    for key, value in dict(overrides or {}).items():
-        if not hasattr(settings, key):
-            raise SoupsError(f"sft init: unknown setting {key!r}; valid: {', '.join(f.name for f in fields(settings))}")
-        setattr(settings, key, value)
-    if output_dir is None:
-        output_dir = default_cache_dir() / "facts_summary_sft" / f"seed{seed}{'-smoke' if smoke else ''}"
-    target = Path(output_dir)
-    info_path = target / "sft_info.json"
-    if info_path.exists():
-        built = json.loads(info_path.read_text()).get("settings", {})
-        if built != asdict(settings):
-            raise SoupsError(f"sft init: {target} was built with other settings {built}; remove it or pick another dir")
-        return target
-
-    import torch
-
-    from soups.utils import atomic_dir, seed_everything, write_json
-
-    seed_everything(settings.seed)
-    tokenizer = build_tokenizer()
-    model = build_tiny_causal_lm(settings, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
-    data_cfg = FactsSummaryConfig(seed=settings.seed)
-    samples = generate_facts_summary(data_cfg, settings.n_train, "sft")
-    with torch.device("cpu"):
-        losses = sft_train(
-            model, tokenizer, [s["prompt"] for s in samples], [s["reference"] for s in samples],
-            steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed,
-            show_progress=show_progress,
-        )  # fmt: skip
-    try:
-        with atomic_dir(target) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            write_json(tmp / "sft_info.json", {
-                "task": "facts_summary", "settings": asdict(settings), "data": asdict(data_cfg),
-                "final_loss": losses[-1] if losses else None, "loss_curve": losses[:: max(1, len(losses) // 50)],
-            })  # fmt: skip
-    except SoupsError:
-        if not info_path.exists():  # another process finished the same build first: that one is as good
-            raise
-    return target
 
 
 def _to_dict(cfg: Mapping[str, Any] | Any) -> dict[str, Any]:

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from rl.evaluate import evaluate_policy, generate_responses, mean_stderr, summarize_rewards
-from rl.rewards import build_reward_set
-from rl.tasks import SFTInitConfig, build_task, build_tiny_causal_lm, build_tokenizer
+from rl.text.evaluator import evaluate_policy, generate_responses, mean_stderr, summarize_rewards
+from rl.text.models import build_tiny_causal_lm, build_tokenizer
+from rl.text.rewards import build_reward_set
+from rl.text.sft import SFTInitConfig
+from rl.text.task import build_task
 from soups.utils import SoupsError
 
 

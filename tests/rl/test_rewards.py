@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from rl.reward_models import (
+from rl.text.reward_models import (
     RewardModelConfig,
     bradley_terry_loss,
     build_reward_classifier,
@@ -17,7 +17,7 @@ from rl.reward_models import (
     perturbed_summary,
     preference_pairs,
 )
-from rl.rewards import (
+from rl.text.rewards import (
     ModelReward,
     RewardSet,
     RunningNormalizer,
@@ -28,7 +28,7 @@ from rl.rewards import (
     faithfulness_score,
     scalarize,
 )
-from rl.tasks import build_task
+from rl.text.task import build_task
 from soups.registry import UnknownNameError
 from soups.utils import SoupsError
 

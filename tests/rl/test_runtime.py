@@ -202,8 +202,8 @@ def test_metrics_truncate_drops_rows_after_the_resume_step(tmp_path: Path) -> No
 
 
 def test_scalarisation_is_reexported_from_one_place() -> None:
-    import rl.rewards
+    from rl.text import rewards as text_rewards
 
-    assert runtime.scalarize is rl.rewards.scalarize and runtime.RunningNormalizer is rl.rewards.RunningNormalizer
+    assert runtime.scalarize is text_rewards.scalarize and runtime.RunningNormalizer is text_rewards.RunningNormalizer
     rewards = torch.tensor([[1.0, 3.0], [2.0, 5.0]])
     assert runtime.scalarize(rewards, runtime.morl_weights([0.25, 0.75], ["a", "b"])).tolist() == [2.5, 4.25]

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from rl.sft import _lr_factor, build_sft_batch, sft_train
-from rl.tasks import SFTInitConfig, build_tiny_causal_lm, build_tokenizer, ensure_sft_init
+from rl.text.models import build_tiny_causal_lm, build_tokenizer
+from rl.text.sft import SFTInitConfig, _lr_factor, build_sft_batch, ensure_sft_init, sft_train
 from soups.utils import SoupsError
 
 TINY = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "n_train": 32, "steps": 4, "batch_size": 8}
@@ -88,9 +88,9 @@ def test_default_sft_init_learns_the_format(tmp_path) -> None:
     """The default init (~2 min on CPU) writes well-formed fact sentences for most eval prompts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rl.evaluate import generate_responses
-    from rl.rewards import count_statements
-    from rl.tasks import build_task
+    from rl.text.evaluator import generate_responses
+    from rl.text.rewards import count_statements
+    from rl.text.task import build_task
 
     path = ensure_sft_init(tmp_path / "sft", show_progress=False)
     model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from rl.rewards import count_statements
-from rl.tasks import (
+from rl.text.models import build_tokenizer
+from rl.text.rewards import count_statements
+from rl.text.task import (
     ENTITIES,
     RELATIONS,
     SUMMARY_MARKER,
@@ -15,7 +16,6 @@ from rl.tasks import (
     VALUES,
     FactsSummaryConfig,
     build_task,
-    build_tokenizer,
     fact_sentence,
     parse_statements,
 )

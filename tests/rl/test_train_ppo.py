@@ -20,8 +20,8 @@ from hydra.core.global_hydra import GlobalHydra
 from safetensors.torch import load_file
 
 from rl import train_ppo
-from rl.policy import position_ids_from_mask
-from rl.rewards import RewardSet
+from rl.text.models import position_ids_from_mask
+from rl.text.rewards import RewardSet
 from soups.registry import UnknownNameError
 from soups.utils import SoupsError
 
@@ -97,7 +97,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1-layer, 16-wide Llama with the embedded task's tokenizer, saved like a Hub checkpoint."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rl.tasks import build_tokenizer
+    from rl.text.models import build_tokenizer
 
     torch.manual_seed(0)
     tok = build_tokenizer()
@@ -214,7 +214,7 @@ def test_building_the_sft_init_does_not_change_the_run(tiny_model: Path, tmp_pat
 
     import numpy as np
 
-    import rl.tasks
+    import rl.text.sft
 
     def build(*args, **kwargs) -> Path:  # stands in for a fresh build: it draws from every global RNG
         torch.rand(1000), random.random(), np.random.rand(10)
@@ -222,7 +222,7 @@ def test_building_the_sft_init_does_not_change_the_run(tiny_model: Path, tmp_pat
 
     cached = train_ppo.train(make_cfg(tiny_model, tmp_path / "cached", "ppo.steps=1"), reward_set=rewards(),
                              task=Task())
-    monkeypatch.setattr(rl.tasks, "ensure_sft_init", build)
+    monkeypatch.setattr(rl.text.sft, "ensure_sft_init", build)
     cfg = make_cfg(tiny_model, tmp_path / "built", "ppo.steps=1")
     cfg.model.name_or_path = None
     built = train_ppo.train(cfg, reward_set=rewards(), task=Task())

@@ -1,4 +1,4 @@
-"""The `text` evaluator (rl/pareto_eval.py): logit mixing, the decoding loop, and scoring against the task's
+"""The `text` evaluator (rl/text/evaluator.py): logit mixing, the decoding loop, and scoring against the task's
 own `evaluate_policy`, on a tiny random LLaMA of the embedded task (built from config, nothing downloaded)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl.pareto_eval import (
+from rl.text.evaluator import (
     DecodeSettings,
     TextEvaluator,
     ensemble_generate,
@@ -39,7 +39,9 @@ def test_positions_from_left_padded_mask() -> None:
 
 @pytest.fixture(scope="module")
 def tiny() -> tuple:
-    from rl.tasks import SFTInitConfig, build_task, build_tiny_causal_lm, build_tokenizer
+    from rl.text.models import build_tiny_causal_lm, build_tokenizer
+    from rl.text.sft import SFTInitConfig
+    from rl.text.task import build_task
 
     tokenizer = build_tokenizer()
     models = []
@@ -92,8 +94,8 @@ def test_ensemble_vertices_and_identical_members(tiny: tuple) -> None:
 
 
 def test_text_evaluator_matches_evaluate_policy(tiny: tuple) -> None:
-    from rl.evaluate import evaluate_policy
-    from rl.rewards import build_reward_set
+    from rl.text.evaluator import evaluate_policy
+    from rl.text.rewards import build_reward_set
 
     tokenizer, (m0, _), samples = tiny
     reward_set = build_reward_set({"objectives": ["complete", "faithful"], "optimize": "complete"})
