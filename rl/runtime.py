@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from rl.text.rewards import RewardSet, RunningNormalizer, build_reward_set, check_finite, morl_weights, scalarize
+from soups.cli import bar_disabled
 from soups.utils import SOUPS_MARKER, SoupsError, atomic_dir, save_resolved_config, write_json
 
 __all__ = [
@@ -521,4 +522,4 @@ def progress(start: int, total: int, *, desc: str, enabled: bool) -> Any:
     """A tqdm bar over steps `start..total-1` (iterates the steps also when disabled)."""
     from tqdm.auto import tqdm
 
-    return tqdm(range(start, total), initial=start, total=total, desc=desc, disable=not enabled)
+    return tqdm(range(start, total), initial=start, total=total, desc=desc, disable=bar_disabled(enabled))

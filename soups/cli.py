@@ -17,7 +17,7 @@ point instead uses
 offending override and lists the valid options or keys. The run itself is still `hydra.main` (multirun `-m`,
 `hydra.*` overrides, `--cfg`, `--help` unchanged), and its body is wrapped in `soups.utils.cli_errors`.
 
-This module imports only hydra and omegaconf, so that `precheck` runs before torch is loaded.
+This module imports only hydra, omegaconf and `evals.errors`, so that `precheck` runs before torch is loaded.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from evals.errors import SoupsError
+
 # Flags under which Hydra does not compose the app's config (help, shell completion, ...): left to Hydra.
 _NO_COMPOSE_FLAGS = ("help", "hydra_help", "info", "shell_completion", "experimental_rerun")
 # Multirun: at most this many expanded jobs are composed here; Hydra still composes every job itself.
@@ -39,11 +41,11 @@ _MAX_SWEEP_CHECKS = 64
 _CHECKED: set[tuple[str, str, tuple[str, ...]]] = set()
 
 
-class CommandLineError(ValueError):
+class CommandLineError(SoupsError):
     """A bad override on the command line; `entry`/`precheck` print it as one `error: ...` line (exit 2).
 
-    Kept free of `soups.utils` (which imports torch) so that it can be raised before torch is loaded; inside
-    a run, `soups.utils.SoupsError` is the error type.
+    A `SoupsError`, so `except SoupsError` catches it too; `SoupsError` comes from `evals.errors`, which imports
+    nothing (`soups.utils`, which re-exports it, imports torch), so it can be raised before torch is loaded.
     """
 
 

@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from soups.cli import bar_disabled
 from soups.utils import SoupsError
 
 __all__ = ["GreedySoupResult", "RunningMean", "SelectionStep", "greedy_soup", "uniform_soup"]
@@ -171,7 +172,7 @@ def uniform_soup(candidates: Sequence[Candidate], progress: bool = True) -> Stat
     if len(candidates) == 0:
         raise SoupsError("uniform soup needs at least one candidate, got none")
     soup = RunningMean()
-    for index, candidate in enumerate(tqdm(candidates, desc="uniform soup", disable=not progress)):
+    for index, candidate in enumerate(tqdm(candidates, desc="uniform soup", disable=bar_disabled(progress))):
         soup.add(_load(candidate, index), index)
     return soup.state_dict()
 
@@ -261,7 +262,7 @@ def greedy_soup(
     history: list[SelectionStep] = []
     selected: list[int] = []
     best = -math.inf
-    for step, index in enumerate(tqdm(order, desc=f"greedy soup ({accept})", disable=not progress)):
+    for step, index in enumerate(tqdm(order, desc=f"greedy soup ({accept})", disable=bar_disabled(progress))):
         trial = soup.trial(_load(candidates[index], index), index)
         score = float(evaluate(soup.state_dict(trial)))
         if step == 0:

@@ -48,6 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from soups.checkpoint import Checkpoint, open_checkpoint
+from soups.cli import bar_disabled
 from soups.interpolate import (
     check_copyable,
     find_lora_factor,
@@ -396,7 +397,7 @@ class Soup:
                 tensor.data.copy_(check_copyable(key, (c.get_tensor(key) for c in ckpts), [c.path for c in ckpts]))
         flat_groups: list[_FlatGroup] = []
         bar = tqdm(total=len(ckpts) * sum(len(v) for v in by_dtype.values()), desc="soup experts", unit="tensor",
-                   disable=not progress)
+                   disable=bar_disabled(progress))
         for tdtype, entries in by_dtype.items():
 
             def read(i: int, j: int, entries: list[tuple[str, list[str], torch.Tensor]] = entries) -> torch.Tensor:

@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from soups.checkpoint import TORCH_TO_SAFETENSORS, Checkpoint
+from soups.cli import bar_disabled
 from soups.utils import SoupsError, atomic_dir, save_resolved_config, write_json
 
 __all__ = ["write_soup", "parse_size", "sha256_file", "check_output_path", "CONFIG_FILE_PATTERNS"]
@@ -404,7 +405,7 @@ def write_soup(
         # ---- weights: streamed shard by shard --------------------------------------------------------------
         raw_specs = getattr(tensors, "specs", None)
         total_tensors = len(raw_specs) if raw_specs is not None else None
-        with tqdm(total=total_tensors, desc="soup tensors", unit="tensor", disable=not progress) as bar:
+        with tqdm(total=total_tensors, desc="soup tensors", unit="tensor", disable=bar_disabled(progress)) as bar:
             if raw_specs is not None:
                 specs = [_Spec(k, tuple(shape), dtype) for k, (shape, dtype) in raw_specs.items()]
                 written = _write_planned(tmp, iter(tensors), specs, max_bytes, bar)

@@ -20,7 +20,7 @@ Save (atomically, into `output`): `best.safetensors` (best mean source out accur
 
 from __future__ import annotations
 
-from soups.cli import entry, precheck
+from soups.cli import bar_disabled, entry, precheck
 
 precheck(__name__, __file__, "../configs/vision_train")  # a bad command line fails here, before the heavy imports
 
@@ -125,7 +125,7 @@ def train(cfg: DictConfig | Mapping[str, Any]) -> Path:
             model.featurizer.eval()
         step_start, loss_sum, loss_count = time.time(), 0.0, 0
         for step in tqdm(range(1, steps + 1), desc=f"train {cfg.objective} env{list(cfg.test_envs)}",
-                         disable=not cfg.get("progress", True)):
+                         disable=bar_disabled(bool(cfg.get("progress", True)))):
             minibatches = [(x.to(device), torch.as_tensor(y).to(device)) for x, y in (next(it) for it in loaders)]
             loss, logs = objective(model, minibatches)
             if not torch.isfinite(loss):

@@ -24,7 +24,7 @@ is none), shifted-domain accuracy, inference parameters and forward time.
 
 from __future__ import annotations
 
-from soups.cli import entry, precheck
+from soups.cli import bar_disabled, entry, precheck
 
 precheck(__name__, __file__, "../configs/train_ensemble")  # a bad command line fails here, before the heavy imports
 
@@ -92,7 +92,7 @@ def pretrain_backbone(cfg: Mapping[str, Any], loaders: Sequence[Any], num_classe
     steps = 0 if m.get("pretrained") or not train else int(m.get("backbone_steps", 0))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
-    for _ in tqdm(range(steps), desc="pretrain shared backbone (ERM)", disable=not progress):
+    for _ in tqdm(range(steps), desc="pretrain shared backbone (ERM)", disable=bar_disabled(progress)):
         x, y = (torch.cat(t).to(device) for t in zip(*(next(it) for it in loaders)))
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
@@ -236,7 +236,8 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         # ---- loop ---------------------------------------------------------------------------------------------
         model.train()
         start = time.time()
-        bar = tqdm(range(1, steps + 1), desc=f"train {cfg.method.name} M={cfg.num_members}", disable=not progress)
+        desc = f"train {cfg.method.name} M={cfg.num_members}"
+        bar = tqdm(range(1, steps + 1), desc=desc, disable=bar_disabled(progress))
         for step in bar:
             minibatches = [(x.to(device), torch.as_tensor(y).to(device)) for x, y in (next(it) for it in loaders)]
             loss, logs = model.training_loss(minibatches, step, steps)
