@@ -17,8 +17,11 @@ import torch
 from omegaconf import OmegaConf
 
 from soups.quickstart import (
+    REPO,
     _in_process,
+    command,
     compose_entry,
+    entry_point,
     expert_checks,
     mix_overrides,
     mu_name,
@@ -27,6 +30,8 @@ from soups.quickstart import (
     run_quickstart,
     train_overrides,
 )
+from soups.quickstart_registry import get_recipe
+from soups.utils import SoupsError
 
 
 def _cfg(tmp_path: Path, *overrides: str):
@@ -67,6 +72,31 @@ def test_experts_train_on_responses_as_long_as_the_front_evaluates(tmp_path: Pat
     expert = compose_entry("train_ppo", train_overrides(cfg, "complete", out / "experts" / "complete"))
     front = compose_entry("pareto", pareto_overrides(cfg, [out / "experts" / "complete"], []))
     assert min(expert.generation.response_length) >= front.evaluator.max_new_tokens
+
+
+def test_task_recipes_by_name_and_unknown_ones_listed(tmp_path: Path) -> None:
+    recipe = get_recipe("summarisation")
+    assert (recipe.trainer.config, recipe.trainer.module, recipe.init_dir) == ("train_ppo", "rl.train_ppo", "sft")
+    with pytest.raises(SoupsError, match="unknown quickstart task 'nope'; valid tasks: summarisation"):
+        get_recipe("nope")
+    cfg = _cfg(tmp_path)
+    assert cfg.task == "summarisation"  # the default task
+    cfg.task = "nope"
+    with pytest.raises(SoupsError, match="valid tasks: summarisation"):
+        run_quickstart(cfg)
+    assert not (tmp_path / "qs").exists()  # refused before anything is written
+
+
+def test_subprocess_commands_of_the_stages() -> None:
+    trainer = entry_point("train_ppo", get_recipe("summarisation"))
+    cmd = command(trainer, ["reward=faithful"], "accelerate")
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
+    assert cmd[-2:] == [str(REPO / "rl" / "train_ppo.py"), "reward=faithful"]
+    assert command(trainer, ["reward=faithful"], "python")[1:] == [str(REPO / "rl" / "train_ppo.py"), "reward=faithful"]
+    # the front and the soup are never launched through accelerate
+    assert command(entry_point("mix"), ["progress=false"], "accelerate")[1:] == ["-m", "soups.mix", "progress=false"]
+    with pytest.raises(SoupsError, match="no entry point 'train_ppo'"):
+        entry_point("train_ppo")  # the trainer is the recipe's: without one it is unknown
 
 
 def _front_row(kind: str, name: str, complete: tuple[float, float], faithful: tuple[float, float]) -> dict:
