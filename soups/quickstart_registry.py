@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evals.errors import SoupsError  # soups.utils re-exports it but imports torch: recipes stay light
 from soups.registry import Registry
-from soups.utils import SoupsError
 
 
 @dataclass(frozen=True)
