@@ -63,6 +63,8 @@ class Run:
         args: Its arguments (picklable).
         output: The run's output directory; its submitit folder is `<output>.submitit`.
         done_file: The file whose presence means the run finished; default `output` itself.
+        resume_args: The arguments of a requeued job (after pre-emption or timeout), e.g. the trainer's
+            `resume=true`; default `args`.
     """
 
     name: str
@@ -70,6 +72,7 @@ class Run:
     args: tuple[Any, ...] = ()
     output: Path = Path(".")
     done_file: Path | None = None
+    resume_args: tuple[Any, ...] | None = None
 
     def is_done(self) -> bool:
         """Whether the run's completed output is there."""
@@ -83,10 +86,17 @@ class Run:
 
 
 class _Call(submitit.helpers.Checkpointable):
-    """`fn(*args)` as a submitit job; on pre-emption or timeout, `Checkpointable.checkpoint` requeues the same call."""
+    """`fn(*args)` as a submitit job; on pre-emption or timeout submitit calls `checkpoint` and requeues the
+    returned call: `fn(*resume_args)` when the run can continue from its own checkpoints, else the same call."""
 
-    def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def __call__(self, fn: Callable[..., Any], args: tuple[Any, ...], resume_args: tuple[Any, ...] | None) -> Any:
         return fn(*args)
+
+    def checkpoint(  # type: ignore[override]
+        self, fn: Callable[..., Any], args: tuple[Any, ...], resume_args: tuple[Any, ...] | None
+    ) -> submitit.helpers.DelayedSubmission:
+        again = args if resume_args is None else resume_args
+        return submitit.helpers.DelayedSubmission(self, fn, again, resume_args)
 
 
 def _settings(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -217,7 +227,7 @@ def submit_runs(runs: Sequence[Run], cfg: Mapping[str, Any] | None, desc: str = 
         root = Path(todo[0].output).parent / ".submitit"
         ex = executor(s, root / "%j", name=desc)
         with ex.batch():  # one job array: array_parallelism tasks at once
-            jobs = [ex.submit(_Call(), r.fn, *r.args) for r in todo]
+            jobs = [ex.submit(_Call(), r.fn, tuple(r.args), r.resume_args) for r in todo]
         for run, job in zip(todo, jobs):
             _link(run.log_dir, Path(job.paths.folder))
         collect(list(zip(todo, jobs)))
@@ -231,7 +241,7 @@ def submit_runs(runs: Sequence[Run], cfg: Mapping[str, Any] | None, desc: str = 
                 ex = executor(s, run.log_dir, name=run.name)
                 if gpus:
                     ex.update_parameters(gpus_per_node=1, visible_gpus=[gpus[i]])
-                pairs.append((run, ex.submit(_Call(), run.fn, *run.args)))
+                pairs.append((run, ex.submit(_Call(), run.fn, tuple(run.args), run.resume_args)))
             collect(pairs)
     if failures:
         listed = "\n  ".join(failures)

@@ -60,3 +60,28 @@ def test_bad_settings() -> None:
         submit_runs([Run("a", print, output=Path("/nonexistent/a"))], {"cluster": "ray"})
     with pytest.raises(SoupsError, match="unknown submitit option 'partiton'"):
         submit_runs([], {"partiton": "gpu"})
+
+
+def test_a_preempted_job_is_requeued_with_its_resume_arguments(tmp_path: Path) -> None:
+    """A real local job sent submitit's pre-emption signal: `Checkpointable` requeues it with `resume_args`."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from soups.launch import _Call, executor
+
+    done = tmp_path / "resumed"
+    ex = executor(LOCAL, tmp_path / "job")
+    job = ex.submit(_Call(), subprocess.call, (["sleep", "60"],), (["mkdir", str(done)],))
+    controller = psutil.Process(int(job.job_id))
+    sleeper = None
+    for _ in range(1200):  # until the first call runs (its `sleep` child exists: submitit's handlers are set)
+        sleeper = next((c for c in controller.children(recursive=True) if c.name() == "sleep"), None)
+        if sleeper is not None:
+            break
+        time.sleep(0.1)
+    assert sleeper is not None
+    sleeper.parent().send_signal(signal.SIGUSR2)  # to the task, as SLURM's --signal=USR2@90 before pre-emption
+    assert job.result() == 0 and done.is_dir()  # the requeued call was mkdir, not a second sleep
