@@ -5,7 +5,10 @@
 
 For each configuration PE-(α, M, γ) it times one forward of a packed ResNet-18 against M plain ResNet-18s
 (`packed_resnet18` with α = M = γ = 1, the same per-member width) run one after the other, and reports the
-median wall time over `--repeats` calls after a warm-up, the ratio loop / packed, and parameter counts.
+median wall time over `--repeats` calls after a warm-up, the ratio loop / packed, and parameter counts. The
+models are timed round-robin (one call each per round, the start rotating), so that a load change on a shared
+machine hits all of them alike instead of whichever model was being timed then. The packed networks are
+torch-uncertainty's (`vision.ensembles.packed`): PE-(2, 4, 2) at width 64 is the paper's 8.18M parameters.
 """
 
 from __future__ import annotations
@@ -13,29 +16,34 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from soups.utils import steady_malloc
 from vision.ensembles.packed import packed_resnet18
 
 
 @torch.no_grad()
-def median_ms(fn: nn.Module | object, x: torch.Tensor, repeats: int, sync: bool) -> float:
-    """Median wall time of `fn(x)` in milliseconds (two warm-up calls)."""
-    for _ in range(2):
-        fn(x)  # type: ignore[operator]
-    times = []
-    for _ in range(repeats):
-        if sync:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(x)  # type: ignore[operator]
-        if sync:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+def round_robin_ms(
+    models: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]], x: torch.Tensor, repeats: int, sync: bool
+) -> dict[str, float]:
+    """Median wall time of `fn(x)` in milliseconds for each (name, fn): two warm-up calls each, then `repeats`
+    rounds of one timed call per model, the first model of a round rotating by one."""
+    for _, fn in models:
+        for _ in range(2):
+            fn(x)
+    times: dict[str, list[float]] = {name: [] for name, _ in models}
+    for r in range(repeats):
+        for name, fn in models[r % len(models) :] + models[: r % len(models)]:
+            if sync:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn(x)
+            if sync:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,18 +65,22 @@ def main(argv: list[str] | None = None) -> None:
     def loop(inp: torch.Tensor) -> torch.Tensor:
         return torch.cat([net(inp) for net in plain])
 
-    sync = device.type == "cuda"
-    loop_ms = median_ms(loop, x, args.repeats, sync)
+    packed = {
+        f"PE-({alpha}, {m}, {gamma})": packed_resnet18(10, 3, args.width, alpha=alpha, num_estimators=m, gamma=gamma)
+        .to(device)
+        .eval()
+        for alpha, gamma in [(2, 1), (2, 2), (4, 2)]
+    }
+    loop_name = f"{m} x ResNet-18 (loop)"
+    ms = round_robin_ms([(loop_name, loop), *packed.items()], x, args.repeats, device.type == "cuda")
     loop_params = sum(p.numel() for net in plain for p in net.parameters())
     print(f"batch {args.batch}x3x{args.size}x{args.size}, ResNet-18 width {args.width}, M = {m}, {device}")
     print("| model | params | forward ms | loop / packed |")
     print("| --- | --- | --- | --- |")
-    print(f"| {m} x ResNet-18 (loop) | {loop_params:,} | {loop_ms:.1f} | 1.00 |")
-    for alpha, gamma in [(2, 1), (2, 2), (4, 2)]:
-        net = packed_resnet18(10, 3, args.width, alpha=alpha, num_estimators=m, gamma=gamma).to(device).eval()
-        ms = median_ms(net, x, args.repeats, sync)
+    print(f"| {loop_name} | {loop_params:,} | {ms[loop_name]:.1f} | 1.00 |")
+    for name, net in packed.items():
         params = sum(p.numel() for p in net.parameters())
-        print(f"| PE-({alpha}, {m}, {gamma}) | {params:,} | {ms:.1f} | {loop_ms / ms:.2f} |")
+        print(f"| {name} | {params:,} | {ms[name]:.1f} | {ms[loop_name] / ms[name]:.2f} |")
 
 
 if __name__ == "__main__":
