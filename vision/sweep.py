@@ -18,8 +18,11 @@ Then `vision.average` builds the soups and baselines and `vision.collect` the ta
 
 Idempotence: a run directory appears only when its run finished (atomic rename), so finished runs are skipped,
 leftovers of killed runs (`.<hash>.tmp-*`) are removed, and re-running an interrupted sweep redoes only the
-runs that had not finished. Launchers: `local` (in this process, sequential), `parallel` (`n_workers`
-subprocesses), `gpus` (one subprocess per GPU id, `CUDA_VISIBLE_DEVICES` set per job).
+runs that had not finished. Launchers: `local` (in this process, sequential: one import of torch, the cheapest
+for the CPU demos and the tests) and `submitit` (`soups.launch.submit_runs`: SLURM job arrays on a cluster, or
+local subprocesses, `submitit.array_parallelism` at once or one per GPU; failed runs are listed and re-running
+the command resubmits only them; logs in `runs/<hash>.submitit/`). The former `parallel` and `gpus` launchers
+are `launcher=submitit` with `submitit.cluster=local` (and `submitit.local_gpus`).
 """
 
 from __future__ import annotations
@@ -31,12 +34,8 @@ precheck(__name__, __file__, "../configs/vision_sweep")  # a bad command line fa
 import hashlib
 import importlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +46,14 @@ from soups.utils import SoupsError, write_json
 from vision.evaluate import build_dataset
 
 # The recipes this driver launches, by module name: recipes do not import recipes. `train` runs a job in this
-# process (`launcher=local`; the subprocess launchers run the same function in a fresh interpreter) and
+# process (`launcher=local`; `launcher=submitit` runs the same function in a job's interpreter) and
 # `average_sweep` the averaging at the end. vision/average.py never calls the sweep back in process.
 RECIPES = {"train": "vision.train", "average": "vision.average"}
 TRAIN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vision_train" / "config.yaml"
 # Fields that do not change a run's result, left out of its hash.
 _NOT_HASHED = ("output", "overwrite", "progress", "num_workers", "device", "log_with")
 GROUPS = ("diwa", "ratatouille", "inter_training", "fusing")
-LAUNCHERS = ("local", "parallel", "gpus")
+LAUNCHERS = ("local", "submitit")
 
 # ----------------------------------------------------------------------------------------------------------
 # Jobs
@@ -130,77 +129,36 @@ def resolve_test_envs(cfg: DictConfig, train_base: Mapping[str, Any]) -> list[li
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _subprocess(job: Mapping[str, Any], jobs_dir: Path, gpu: str | None) -> None:
-    jobs_dir.mkdir(parents=True, exist_ok=True)
-    path = jobs_dir / f"{Path(job['output']).name}.yaml"
-    OmegaConf.save(OmegaConf.create(dict(job)), path)
-    env = dict(os.environ)
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpu
-    code = "import sys; from vision.train import train_from_file; train_from_file(sys.argv[1])"
-    log = (jobs_dir / f"{Path(job['output']).name}.log").open("w")
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    if proc.returncode != 0:
-        raise SoupsError(f"run {job['output']} failed (exit {proc.returncode}); see {log.name}")
-
-
-def run_jobs(jobs: Sequence[dict[str, Any]], launcher: str, n_workers: int = 1, gpus: Sequence[str] = (),
-             jobs_dir: Path | None = None, desc: str = "runs") -> dict[str, int]:
+def run_jobs(jobs: Sequence[dict[str, Any]], launcher: str, submitit: Mapping[str, Any] | None = None,
+             desc: str = "runs") -> dict[str, int]:
     """Runs every unfinished job; finished ones are skipped.
 
     Args:
         jobs: Train configs with `output` set (see `with_output`).
-        launcher: "local" (sequential, in process), "parallel" (`n_workers` subprocesses) or "gpus" (one
-            subprocess per GPU id in `gpus`).
-        n_workers: Parallel subprocesses for "parallel".
-        gpus: GPU ids for "gpus".
-        jobs_dir: Where subprocess launchers write job configs and logs.
+        launcher: "local" (sequential, in process) or "submitit" (`soups.launch.submit_runs`).
+        submitit: The `submitit:` config node for "submitit" (cluster, array_parallelism, SLURM fields...).
         desc: Progress bar label.
 
     Returns:
         {"done": already finished, "ran": newly run}.
 
     Raises:
-        SoupsError: unknown launcher, or some runs failed (all others still ran).
+        SoupsError: unknown launcher, or (submitit) some runs failed, listed with their logs; all others still ran.
     """
     if launcher not in LAUNCHERS:
         raise SoupsError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
+    if launcher == "submitit":
+        from soups.launch import Run, submit_runs
+
+        fn = importlib.import_module(RECIPES["train"]).train  # by reference: the job imports vision.train itself
+        runs = [Run(name=f"{desc} {Path(j['output']).name[:8]}", fn=fn, args=({**j, "progress": False},),
+                    output=Path(j["output"]), done_file=Path(j["output"]) / "summary.json") for j in jobs]
+        return submit_runs(runs, submitit, desc=desc)
     todo = [j for j in jobs if not is_done(j)]
     counts = {"done": len(jobs) - len(todo), "ran": 0}
-    if not todo:
-        return counts
-    if launcher == "local":
-        for job in tqdm(todo, desc=desc):
-            train({**job, "progress": False})
-            counts["ran"] += 1
-        return counts
-    slots = list(gpus) if launcher == "gpus" else [None] * max(1, int(n_workers))
-    if not slots:
-        raise SoupsError("launcher=gpus needs gpus=[0,1,...] (or visible CUDA devices)")
-    jobs_dir = jobs_dir or Path(todo[0]["output"]).parent.parent / "jobs"
-    free: list[str | None] = list(slots)
-    failures: list[str] = []
-    import threading
-
-    lock = threading.Lock()
-
-    def work(job: dict[str, Any]) -> None:
-        with lock:
-            slot = free.pop()
-        try:
-            _subprocess(job, jobs_dir, slot)
-        except SoupsError as err:
-            failures.append(str(err))
-        finally:
-            with lock:
-                free.append(slot)
-
-    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
-        list(tqdm(pool.map(work, todo), total=len(todo), desc=desc))
-    counts["ran"] = len(todo) - len(failures)
-    if failures:
-        raise SoupsError(f"{len(failures)} of {len(todo)} runs failed; first: {failures[0]}")
+    for job in tqdm(todo, desc=desc, disable=not todo):
+        train({**job, "progress": False})
+        counts["ran"] += 1
     return counts
 
 
@@ -245,6 +203,12 @@ def plan_finetunes(cfg: DictConfig, base: Mapping[str, Any], test_envs: list[lis
 def run_sweep(cfg: DictConfig) -> Path:
     """Runs (or resumes) the sweep described by `cfg` (configs/vision_sweep/config.yaml); returns its dir."""
     # ---- set-up -------------------------------------------------------------------------------------------
+    if cfg.launcher not in LAUNCHERS:  # before anything is written
+        raise SoupsError(f"unknown launcher {cfg.launcher!r}; valid: {', '.join(LAUNCHERS)}")
+    if cfg.launcher == "submitit":
+        from soups.launch import settings
+
+        settings(OmegaConf.to_container(cfg.submitit, resolve=True))  # type: ignore[arg-type]
     out = Path(cfg.output_dir).absolute()
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -253,12 +217,7 @@ def run_sweep(cfg: DictConfig) -> Path:
         print(f"removed {len(stale)} unfinished run(s) left by an interrupted sweep")
     base = base_train_config(OmegaConf.to_container(cfg.train, resolve=True))  # type: ignore[arg-type]
     base["tags"] = {}
-    launch = {"launcher": cfg.launcher, "n_workers": int(cfg.n_workers), "gpus": [str(g) for g in cfg.gpus or []],
-              "jobs_dir": out / "jobs"}
-    if cfg.launcher == "gpus" and not launch["gpus"]:
-        import torch
-
-        launch["gpus"] = [str(i) for i in range(torch.cuda.device_count())]
+    launch = {"launcher": cfg.launcher, "submitit": OmegaConf.to_container(cfg.submitit, resolve=True)}
     counts: dict[str, dict[str, int]] = {}
 
     # ---- stage 1: pre-training (digits demos) -----------------------------------------------------------------
