@@ -465,6 +465,12 @@ def run_front(cfg: DictConfig) -> Path:
         extra = torch.as_tensor(dirichlet_samples(len(experts), cfg.grid.dirichlet, seed=cfg.seed), dtype=torch.float64)
         lambdas = torch.cat([lambdas, extra])
     evaluator = build_evaluator(cfg.evaluator, experts=experts, device=device)
+    batch_lambdas = int(cfg.grid.batch_lambdas)
+    if batch_lambdas < 1:
+        raise SoupsError(f"grid.batch_lambdas={batch_lambdas} must be ≥ 1 (1 = one λ per pass)")
+    if batch_lambdas > 1 and not hasattr(evaluator, "evaluate_batched"):
+        raise SoupsError(f"grid.batch_lambdas={batch_lambdas}: evaluator {cfg.evaluator.name!r} cannot score several "
+                         "λ per pass; set grid.batch_lambdas=1")
     objectives = list(evaluator.objectives)
     expert_names = [str(n) for n in cfg.expert_names] if cfg.expert_names else [_name_of(p) for p in experts]
     if len(expert_names) != len(experts):
@@ -486,17 +492,28 @@ def run_front(cfg: DictConfig) -> Path:
             rows_local.append((idx, make_row(kind, entry["name"], stats, lam=entry["mu"], seed=cfg.seed,
                                              path=entry["path"])))
 
-    # ---- λ sweep: one resident model, weights switched in place ------------------------------------------------
+    # ---- λ sweep: one resident model, weights switched in place (or K λ per batched forward, LoRA) ------------
     soup = open_soup(experts, base_model=cfg.base_model, device=device, dtype=dtype)
+    batched = batch_lambdas > 1 and soup.batchable
+    if batch_lambdas > 1 and not batched and main:
+        print(f"grid.batch_lambdas={batch_lambdas}: these experts switch weights in place (full checkpoints or "
+              "modules_to_save), one λ per pass")
     offset = len(extras)
     with state.split_between_processes(list(enumerate(lambdas.tolist()))) as mine:
-        for idx, lam in tqdm(mine, desc="λ sweep", disable=bar_disabled(main)):
-            soup.set_weights(lam)
+        chunks = [mine[i : i + batch_lambdas] for i in range(0, len(mine), batch_lambdas)] if batched else \
+            [[item] for item in mine]
+        for chunk in tqdm(chunks, desc="λ sweep", disable=bar_disabled(main)):
             seed_everything(cfg.seed)  # common random numbers: every λ sees the same prompts and sampling noise
-            stats = evaluator.evaluate(soup.model)
-            vertex = vertex_index(lam)
-            kind, name = ("expert", expert_names[vertex]) if vertex is not None else ("soup", _lambda_name(lam))
-            rows_local.append((offset + idx, make_row(kind, name, stats, lam=lam, seed=cfg.seed)))
+            if batched:
+                with soup.batched([lam for _, lam in chunk]) as batch:
+                    stats_list = evaluator.evaluate_batched(batch)  # type: ignore[attr-defined]
+            else:
+                soup.set_weights(chunk[0][1])
+                stats_list = [evaluator.evaluate(soup.model)]
+            for (idx, lam), stats in zip(chunk, stats_list):
+                vertex = vertex_index(lam)
+                kind, name = ("expert", expert_names[vertex]) if vertex is not None else ("soup", _lambda_name(lam))
+                rows_local.append((offset + idx, make_row(kind, name, stats, lam=lam, seed=cfg.seed)))
     del soup
 
     # ---- optional functional ensemble (λ-weighted logits) on the interior λ points -------------------------------
@@ -524,8 +541,8 @@ def run_front(cfg: DictConfig) -> Path:
     summary = summarise(rows, objectives, n_experts=len(experts), normalise=cfg.normalise,
                         reference=cfg.reference, eum_points=cfg.eum_divisions)
     summary.update({"experts": experts, "expert_kind": info["kind"], "base": info["base"],
-                    "grid_divisions": k, "n_points": len(rows), "seconds": round(seconds, 3),
-                    "processes": state.num_processes, "seed": cfg.seed})
+                    "grid_divisions": k, "batch_lambdas": batch_lambdas, "n_points": len(rows),
+                    "seconds": round(seconds, 3), "processes": state.num_processes, "seed": cfg.seed})
     with atomic_dir(output, overwrite=cfg.overwrite) as tmp:
         (tmp / "front.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         write_json(tmp / "summary.json", summary)

@@ -260,6 +260,11 @@ class Soup:
         self.weights = tuple(lam_list)
         return self.model
 
+    @property
+    def batchable(self) -> bool:
+        """Whether `batched` applies: LoRA experts without `modules_to_save`."""
+        return bool(self._lora_blocks) and not self._groups
+
     @contextmanager
     def batched(self, lambdas: Sequence[Sequence[float]] | torch.Tensor) -> Iterator[BatchedSoup]:
         """K mixes in one batched forward (LoRA soups only): each row of a batch runs at its own λ.

@@ -16,6 +16,10 @@ When the evaluator config leaves `task`/`reward` null, they are read from the fi
 (`config.yaml` saved by `rl/train_ppo.py` beside the adapter or in its run dir), so a front is scored on the
 rewards its experts were trained on.
 
+`TextEvaluator.evaluate_batched(batch)` scores K λ of a LoRA soup at once (`soups.soup.Soup.batched`): every
+prompt batch is repeated λ-major to K × batch_size rows and decoded by the same loop, each row at its own λ. With
+greedy decoding the responses, hence the scores, equal K calls of `evaluate` (the tests check it).
+
 `evaluate_policy` scores one policy through `model.generate` (any HF causal LM, a `PeftModel`, a model whose
 weights a `Soup` switches in place) and returns each objective's mean, standard error and count with the
 generated texts; the tests check the evaluator against it.
@@ -279,20 +283,32 @@ class TextEvaluator:
         self.device = torch.device(device)
         self._ensemble: tuple[Any, list[Member]] | None = None
 
-    def responses(self, members: Sequence[Member], lambdas: Sequence[float], device: torch.device) -> list[str]:
-        """Decodes one response per prompt from the λ-weighted members."""
-        out: list[str] = []
+    def responses(self, members: Sequence[Member], lambdas: Sequence[float], device: torch.device,
+                  copies: int = 1) -> list[str]:
+        """Decodes one response per prompt from the λ-weighted members.
+
+        Args:
+            members: The decoding members.
+            lambdas: Their weights.
+            device: Where the prompts go.
+            copies: K > 1 repeats every prompt batch K times, λ-major (`Soup.batched` rows), and returns the
+                K responses of each prompt block after block: response k·n + i is copy k of prompt i.
+        """
+        out: list[list[str]] = [[] for _ in range(copies)]
         starts = range(0, len(self.samples), self.batch_size)
         for start in tqdm(starts, desc="decode", leave=False, disable=len(starts) < 4):
             batch = self.samples[start : start + self.batch_size]
             prompts = [str(s["prompt"]) for s in batch]
             enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            ids, mask = (enc[k].repeat(copies, 1).to(device) for k in ("input_ids", "attention_mask"))
             new = ensemble_generate(
-                members, lambdas, enc["input_ids"].to(device), enc["attention_mask"].to(device), self.settings,
+                members, lambdas, ids, mask, self.settings,
                 eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
             )  # fmt: skip
-            out += [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
-        return out
+            texts = [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+            for k in range(copies):
+                out[k] += texts[k * len(batch) : (k + 1) * len(batch)]
+        return [text for block in out for text in block]
 
     def score(self, responses: Sequence[str]) -> dict[str, ObjectiveStat]:
         """Every reward's mean, stderr and n over the prompts."""
@@ -312,6 +328,28 @@ class TextEvaluator:
         finally:
             model.train(was_training)
         return self.score(responses)
+
+    def evaluate_batched(self, batch: Any) -> list[dict[str, ObjectiveStat]]:
+        """Scores the K λ of a `soups.soup.BatchedSoup` in one decoding pass per prompt batch (K × batch_size
+        rows); element k equals `evaluate` of the soup set to λ_k (greedy decoding).
+
+        Raises:
+            SoupsError: sampling (`do_sample=true`): the K λ would not draw the same random numbers as K
+                separate evaluations, which the front's common-random-numbers comparison relies on.
+        """
+        if self.settings.do_sample:
+            raise SoupsError("grid.batch_lambdas > 1 needs greedy decoding (evaluator.do_sample=false): sampled λ "
+                             "points would not share the per-λ random numbers; set grid.batch_lambdas=1")
+        model, k = batch.model, len(batch)
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        try:
+            responses = self.responses([model_member(model)], [1.0], device, copies=k)
+        finally:
+            model.train(was_training)
+        n = len(self.samples)
+        return [self.score(responses[i * n : (i + 1) * n]) for i in range(k)]
 
     def evaluate_ensemble(self, lambdas: Sequence[float]) -> dict[str, ObjectiveStat]:
         """Scores the functional ensemble Σ_i λ_i logits_i of the experts (loaded once, on first call)."""
