@@ -33,7 +33,7 @@ import submitit
 
 from soups.utils import SoupsError
 
-__all__ = ["CLUSTERS", "DEFAULTS", "Run", "executor", "slurm_script", "submit_runs"]
+__all__ = ["CLUSTERS", "DEFAULTS", "Run", "executor", "settings", "slurm_script", "submit_runs"]
 
 CLUSTERS = ("local", "slurm")
 
@@ -99,8 +99,12 @@ class _Call(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(self, fn, again, resume_args)
 
 
-def _settings(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """`cfg` over `DEFAULTS`, checked."""
+def settings(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`cfg` over `DEFAULTS`, checked (drivers call it before their first run, so a typo costs nothing).
+
+    Raises:
+        SoupsError: an unknown field, cluster or a parallelism below 1.
+    """
     settings = {**DEFAULTS, **dict(cfg or {})}
     unknown = sorted(set(settings) - set(DEFAULTS))
     if unknown:
@@ -153,7 +157,7 @@ def executor(cfg: Mapping[str, Any] | None, folder: str | Path, name: str = "sou
     Raises:
         SoupsError: bad settings, or `cluster=slurm` where SLURM's `srun` is missing.
     """
-    s = _settings(cfg)
+    s = settings(cfg)
     if s["cluster"] == "local":
         ex = submitit.AutoExecutor(folder=str(folder), cluster="local")
         ex.update_parameters(timeout_min=int(s["timeout_min"]), name=name)
@@ -169,7 +173,7 @@ def executor(cfg: Mapping[str, Any] | None, folder: str | Path, name: str = "sou
 
 def slurm_script(cfg: Mapping[str, Any] | None, folder: str | Path, name: str = "soups") -> str:
     """The sbatch script `cluster=slurm` would submit, rendered without SLURM and without submitting."""
-    s = _settings({**dict(cfg or {}), "cluster": "slurm"})
+    s = settings({**dict(cfg or {}), "cluster": "slurm"})
     ex = _OfflineSlurm(str(folder), max_num_timeout=int(s["max_num_timeout"]))
     ex.update_parameters(**_slurm_parameters(s, name))
     return ex._make_submission_file_text("python -u -m submitit.core._submit <folder>", "<uid>")
@@ -203,7 +207,7 @@ def submit_runs(runs: Sequence[Run], cfg: Mapping[str, Any] | None, desc: str = 
     Raises:
         SoupsError: bad settings, or some runs failed (each listed with its log); all the others still ran.
     """
-    s = _settings(cfg)
+    s = settings(cfg)
     todo = [r for r in runs if not r.is_done()]
     counts = {"done": len(runs) - len(todo), "ran": 0}
     if not todo:

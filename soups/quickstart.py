@@ -18,7 +18,10 @@ Stages (each skipped when its output exists, so an interrupted quickstart resume
 Every stage runs the real entry point with the overrides printed beside it, so each line can be re-run by
 hand. `launcher=inprocess` (default) calls the entry points' Hydra configs in this process (one import of
 torch/transformers instead of four); `launcher=python` or `launcher=accelerate` runs each as a subprocess
-(`accelerate launch` for training), writing its output to `logs/<stage>.log`.
+(`accelerate launch` for training), writing its output to `logs/<stage>.log`. `launcher=submitit` sends every
+stage after the init to `soups.launch.submit_runs` (SLURM with `submitit.cluster=slurm`, else local
+subprocesses): the experts and MORL runs together, `submitit.array_parallelism` at once, logs beside each run
+(`experts/<reward>.submitit/`); a pre-empted training job is requeued with `resume=true`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from soups.utils import SoupsError, save_resolved_config, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_CONFIGS = REPO / "configs"
+LAUNCHERS = ("inprocess", "python", "accelerate", "submitit")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Stage commands (pure: overrides only)
@@ -140,6 +144,26 @@ def _in_process(entry: str | EntryPoint, recipe: Recipe | None = None) -> Callab
     return inspect.unwrap(importlib.import_module(entry_point(entry, recipe).module).main)
 
 
+def run_entry(task: str, entry: str, overrides: Sequence[str]) -> None:
+    """Runs entry point `entry` of task `task`'s recipe in this process (a `launcher=submitit` job's body)."""
+    point = entry_point(entry, get_recipe(task))
+    _in_process(point)(compose_entry(point.config, list(overrides)))
+
+
+def stage_run(name: str, entry: str | EntryPoint, overrides: Sequence[str], cfg: DictConfig, output: Path,
+              done_file: Path) -> Any:
+    """The `soups.launch.Run` of one stage; a training entry point with a `resume` field requeues with
+    `resume=true` (it continues from its newest valid checkpoint, or starts over when there is none)."""
+    from soups.launch import Run
+
+    point = entry_point(entry, recipe_of(cfg))
+    args = (str(cfg.task), point.config, list(overrides))
+    resume = None
+    if point.accelerate and "resume" in compose_entry(point.config, overrides):
+        resume = (str(cfg.task), point.config, [*overrides, "resume=true"])
+    return Run(name=name, fn=run_entry, args=args, output=output, done_file=done_file, resume_args=resume)
+
+
 def command(entry: EntryPoint, overrides: Sequence[str], launcher: str) -> list[str]:
     """The shell command of an entry point for `launcher` (python or accelerate)."""
     script = list(entry.argv) if entry.argv[0] == "-m" else [str(REPO / entry.argv[0]), *entry.argv[1:]]
@@ -150,8 +174,17 @@ def command(entry: EntryPoint, overrides: Sequence[str], launcher: str) -> list[
     return [sys.executable, *script, *overrides]
 
 
-def run_stage(name: str, entry: str | EntryPoint, overrides: Sequence[str], cfg: DictConfig) -> float:
+def run_stage(name: str, entry: str | EntryPoint, overrides: Sequence[str], cfg: DictConfig,
+              output: Path | None = None, done_file: Path | None = None) -> float:
     """Runs one stage with the configured launcher; returns its wall time in seconds.
+
+    Args:
+        name: The stage's name (its log file's).
+        entry: The entry point.
+        overrides: Its overrides.
+        cfg: The quickstart config.
+        output: The stage's output directory (`launcher=submitit` puts its logs beside it).
+        done_file: The file that marks the stage done (`launcher=submitit`).
 
     Raises:
         SoupsError: the stage failed (a subprocess's log tail is in the message's log file).
@@ -162,8 +195,15 @@ def run_stage(name: str, entry: str | EntryPoint, overrides: Sequence[str], cfg:
     if cfg.launcher == "inprocess":
         _in_process(point)(compose_entry(point.config, overrides))
         return time.perf_counter() - t0
-    if cfg.launcher not in ("python", "accelerate"):
-        raise SoupsError(f"launcher={cfg.launcher!r}; valid: inprocess, python, accelerate")
+    if cfg.launcher not in LAUNCHERS:
+        raise SoupsError(f"launcher={cfg.launcher!r}; valid: {', '.join(LAUNCHERS)}")
+    if cfg.launcher == "submitit":
+        from soups.launch import submit_runs
+
+        if output is None or done_file is None:
+            raise SoupsError(f"quickstart stage {name}: launcher=submitit needs the stage's output and done file")
+        submit_runs([stage_run(name, point, overrides, cfg, output, done_file)], cfg.submitit, desc=name)
+        return time.perf_counter() - t0
     log = Path(cfg.output_dir).absolute() / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as handle:
@@ -249,6 +289,14 @@ def run_quickstart(cfg: DictConfig) -> Path:
     """Runs the stages of `cfg` (configs/quickstart/config.yaml), skipping finished ones; returns the front dir."""
     # ---- set-up ------------------------------------------------------------------------------------------------
     recipe = recipe_of(cfg)  # an unknown task fails here, before anything is written
+    if cfg.launcher not in LAUNCHERS:  # and so does an unknown launcher
+        raise SoupsError(f"launcher={cfg.launcher!r}; valid: {', '.join(LAUNCHERS)}")
+    if cfg.launcher == "submitit":
+        from omegaconf import OmegaConf
+
+        from soups.launch import settings
+
+        settings(OmegaConf.to_container(cfg.submitit, resolve=True))  # type: ignore[arg-type]
     out = Path(cfg.output_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, out, name="quickstart.yaml")
@@ -268,13 +316,25 @@ def run_quickstart(cfg: DictConfig) -> Path:
     stage = 1
     jobs = [(f"expert_{r}", d, str(r), None) for r, d in zip(cfg.experts, experts)]
     jobs += [(f"morl_{d.name}", d, "morl", w) for d, w in morl]
+    runs = []  # launcher=submitit: every unfinished training run, submitted together
     for name, directory, reward, weights in jobs:
         stage += 1
-        if (directory / recipe.expert_subdir / recipe.done_file).is_file():
+        done = directory / recipe.expert_subdir / recipe.done_file
+        if done.is_file():
             print(f"[{stage}/{n_stages}] {name}: done, reusing {directory / recipe.expert_subdir}", flush=True)
             continue
         print(f"[{stage}/{n_stages}] {name} -> {directory}", flush=True)
-        run_stage(name, recipe.trainer, train_overrides(cfg, reward, directory, weights), cfg)
+        overrides = train_overrides(cfg, reward, directory, weights)
+        if cfg.launcher == "submitit":
+            print(f"  $ {recipe.trainer.shown} {' '.join(shlex.quote(o) for o in overrides)}", flush=True)
+            runs.append(stage_run(name, recipe.trainer, overrides, cfg, directory, done))
+        else:
+            run_stage(name, recipe.trainer, overrides, cfg)
+    if runs:
+        from soups.launch import submit_runs
+
+        counts = submit_runs(runs, cfg.submitit, desc="training runs")
+        print(f"  submitit: {counts['ran']} training run(s) finished", flush=True)
 
     # ---- 4. the front ------------------------------------------------------------------------------------------
     stage += 1
@@ -283,7 +343,7 @@ def run_quickstart(cfg: DictConfig) -> Path:
         print(f"[{stage}/{n_stages}] front: done, reusing {front} (delete it to re-evaluate)", flush=True)
     else:
         print(f"[{stage}/{n_stages}] rewarded-soups front vs MORL -> {front}", flush=True)
-        run_stage("front", "pareto", pareto_overrides(cfg, experts, morl), cfg)
+        run_stage("front", "pareto", pareto_overrides(cfg, experts, morl), cfg, front, front / "summary.json")
 
     # ---- 5. one soup as an HF checkpoint -----------------------------------------------------------------------
     stage += 1
@@ -294,7 +354,7 @@ def run_quickstart(cfg: DictConfig) -> Path:
         print(f"[{stage}/{n_stages}] soup checkpoint: done, reusing {soup}", flush=True)
     else:
         print(f"[{stage}/{n_stages}] soup λ={list(cfg.mix.weights)} as an HF checkpoint -> {soup}", flush=True)
-        run_stage("soup", "mix", mix_overrides(cfg, experts), cfg)
+        run_stage("soup", "mix", mix_overrides(cfg, experts), cfg, soup, soup / "config.json")
 
     # ---- report ------------------------------------------------------------------------------------------------
     print(report(front, [str(r) for r in cfg.experts], time.perf_counter() - t0))

@@ -64,6 +64,11 @@ ROWS += [
     pytest.param("train_ppo", ["ppo.lr=nan"], "ppo.lr", id="train_ppo-nan-lr"),
     pytest.param("train_ppo", ["mixed_precision=fp8"], "fp8", id="train_ppo-fp8"),
     pytest.param("vision_train", ["-m", "seed=1,x"], "'x'", id="vision_train-multirun-bad-seed"),
+    pytest.param("vision_sweep", ["launcher=slurm"], "valid: local, submitit", id="vision_sweep-unknown-launcher"),
+    pytest.param("quickstart", ["launcher=slurm"], "valid: inprocess, python, accelerate, submitit",
+                 id="quickstart-unknown-launcher"),
+    pytest.param("vision_sweep", ["launcher=submitit", "submitit.cluster=ray"], "valid: local, slurm",
+                 id="vision_sweep-unknown-submitit-cluster"),
 ]
 # Without a GPU, device=cuda is a mistake; with one it is a valid run (and not a quick one).
 ROWS.append(pytest.param("pareto", ["device=cuda"], "cuda", id="pareto-device-cuda",
