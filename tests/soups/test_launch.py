@@ -85,3 +85,14 @@ def test_a_preempted_job_is_requeued_with_its_resume_arguments(tmp_path: Path) -
     assert sleeper is not None
     sleeper.parent().send_signal(signal.SIGUSR2)  # to the task, as SLURM's --signal=USR2@90 before pre-emption
     assert job.result() == 0 and done.is_dir()  # the requeued call was mkdir, not a second sleep
+
+
+@pytest.mark.parametrize("entry", ["vision_sweep", "quickstart"])
+def test_config_nodes_declare_every_setting_with_the_defaults(entry: str) -> None:
+    from omegaconf import OmegaConf
+
+    from soups.launch import DEFAULTS
+
+    config = OmegaConf.load(Path(__file__).parents[2] / "configs" / entry / "config.yaml")
+    node = OmegaConf.to_container(config.submitit)
+    assert node == DEFAULTS
