@@ -146,8 +146,10 @@ def build_live(cfg: DictConfig) -> tuple[LiveSoup, list[dict[str, Any]]]:
     export_dir = Path(cfg.export_dir).absolute()
     cwd = Path.cwd().resolve()
     if not export_dir.resolve().is_relative_to(cwd):
-        raise SoupsError(f"export_dir={cfg.export_dir} resolves to {export_dir.resolve()}, outside the working "
-                         f"directory {cwd}; exports stay under the directory the server runs from")
+        raise SoupsError(
+            f"export_dir={cfg.export_dir} resolves to {export_dir.resolve()}, outside the working "
+            f"directory {cwd}; exports stay under the directory the server runs from"
+        )
     front_file = cfg.front
     names = [str(n) for n in cfg.expert_names]
     if cfg.smoke.enabled:

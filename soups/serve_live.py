@@ -82,8 +82,10 @@ def live_evaluator(evaluator: Any, name: str) -> LiveEvaluator:
     if isinstance(evaluator, LiveEvaluator):
         return evaluator
     if name not in LIVE_ADAPTERS:
-        raise SoupsError(f"evaluator {name!r} cannot be served live: it has no examples/generate/score methods and "
-                         f"no adapter in soups.serve_live.LIVE_ADAPTERS (have: {', '.join(LIVE_ADAPTERS.names())})")
+        raise SoupsError(
+            f"evaluator {name!r} cannot be served live: it has no examples/generate/score methods and "
+            f"no adapter in soups.serve_live.LIVE_ADAPTERS (have: {', '.join(LIVE_ADAPTERS.names())})"
+        )
     return LIVE_ADAPTERS.get(name)(evaluator)
 
 
@@ -420,5 +422,9 @@ def front_rows(path: str | Path, objectives: Sequence[str]) -> list[dict[str, An
 
 def stats_row(kind: str, name: str, lam: Sequence[float], stats: Mapping[str, ObjectiveStat]) -> dict[str, Any]:
     """A `front.jsonl`-shaped row of a point computed by the server (its coarse start-up front)."""
-    return {"kind": kind, "name": name, "lambda": list(lam),
-            "objectives": {k: {"mean": float(v[0]), "stderr": float(v[1]), "n": int(v[2])} for k, v in stats.items()}}
+    return {
+        "kind": kind,
+        "name": name,
+        "lambda": list(lam),
+        "objectives": {k: {"mean": float(v[0]), "stderr": float(v[1]), "n": int(v[2])} for k, v in stats.items()},
+    }

@@ -71,8 +71,7 @@ def test_no_cross_talk_under_load(served, prompt) -> None:
     requests = [lam for lam in lambdas for _ in range(5)]
     random.Random(0).shuffle(requests)
     with ThreadPoolExecutor(max_workers=40) as pool:
-        results = list(pool.map(lambda lam: post(f"{url}/api/generate", {"lambdas": lam, "prompt": prompt}),
-                                requests))
+        results = list(pool.map(lambda lam: post(f"{url}/api/generate", {"lambdas": lam, "prompt": prompt}), requests))
     assert all(status == 200 for status, _ in results), results
     for lam, (_, body) in zip(requests, results):
         assert body["output"] == single[tuple(body["lambdas"])], lam
@@ -188,6 +187,6 @@ def test_serve_evaluator_node_is_the_pareto_one() -> None:
 
     def body(path: Path) -> list[str]:
         lines = path.read_text().splitlines()
-        return lines[next(i for i, line in enumerate(lines) if not line.startswith("#")):]
+        return lines[next(i for i, line in enumerate(lines) if not line.startswith("#")) :]
 
     assert body(configs / "serve/evaluator/text.yaml") == body(configs / "pareto/evaluator/text.yaml")
