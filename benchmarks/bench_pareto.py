@@ -3,6 +3,7 @@
     python benchmarks/bench_pareto.py                                   # the quickstart's experts (runs/quickstart)
     python benchmarks/bench_pareto.py --root /tmp/qs/runs/quickstart --points 11 --n-prompts 64 --output bench.json
     python benchmarks/bench_pareto.py --synthetic 1024 8 --n-prompts 8    # a ~100M-parameter random base
+    python benchmarks/bench_pareto.py --batch-lambdas 8 --only-batched    # grid.batch_lambdas=8 against 1 only
 
 Three ways to evaluate the same λ grid of two LoRA experts, with the same text evaluator, prompts and greedy
 decoding (so the rewards must agree, which is checked):
@@ -13,6 +14,10 @@ decoding (so the rewards must agree, which is checked):
   load it with `AutoModelForCausalLM.from_pretrained`, evaluate.
 - `peft_reload` (peft's own way): per λ, load the base and both adapters from disk, combine them with
   `add_weighted_adapter(combination_type="cat")` (exact Σ λ_i B_i A_i), evaluate.
+
+Then `grid.batch_lambdas=K` against 1 (`--batch-lambdas`, default 8) on the same soup, prompts and evaluator:
+`resident` one λ per decoding pass against `batched`, K λ per pass (`Soup.batched`: each row its own λ, rows
+K × batch_size), in chunks of K λ timed interleaved; the rewards must be identical (greedy decoding).
 
 The three are timed interleaved (one λ of each in turn, the order rotating) so that load from other processes
 on a shared machine hits them alike, and both wall and CPU (process) time are reported; the speed-up uses CPU
@@ -172,6 +177,38 @@ def run_interleaved(root: Path, experts: list[str], lambdas: list[list[float]], 
     return out
 
 
+def run_batched(root: Path, experts: list[str], lambdas: list[list[float]], evaluator, k: int) -> dict:  # noqa: ANN001
+    """`grid.batch_lambdas=k` against 1 on one resident soup: per chunk of k λ, the sequential and the batched
+    evaluation in turn (the order alternating), CPU and wall time, and the largest reward difference."""
+    soup = Resident(root, experts).soup
+    times = {name: {"wall": 0.0, "cpu": 0.0} for name in ("one", "batched")}
+    means: dict[str, list[list[float]]] = {"one": [], "batched": []}
+    chunks = [lambdas[i : i + k] for i in range(0, len(lambdas), k)]
+    for c, chunk in enumerate(chunks):
+        for name in (("one", "batched") if c % 2 == 0 else ("batched", "one")):
+            w0, c0 = _clock()
+            torch.manual_seed(0)
+            if name == "one":
+                stats = [evaluator.evaluate(soup.set_weights(lam)) for lam in chunk]
+            else:
+                with soup.batched(chunk) as batch:
+                    stats = evaluator.evaluate_batched(batch)
+            w1, c1 = _clock()
+            times[name]["wall"] += w1 - w0
+            times[name]["cpu"] += c1 - c0
+            means[name] += [[st[o].mean for o in evaluator.objectives] for st in stats]
+    diff = max(abs(a - b) for ra, rb in zip(means["one"], means["batched"]) for a, b in zip(ra, rb))
+    out: dict = {name: {"wall_s": round(t["wall"], 3), "cpu_s": round(t["cpu"], 3),
+                        "points_per_min_wall": round(60 * len(lambdas) / t["wall"], 1),
+                        "points_per_min_cpu": round(60 * len(lambdas) / t["cpu"], 1)}
+                 for name, t in times.items()}  # fmt: skip
+    out["batch_lambdas"] = k
+    out["max_reward_diff"] = diff
+    out["speedup_cpu"] = round(times["one"]["cpu"] / times["batched"]["cpu"], 2)
+    out["speedup_wall"] = round(times["one"]["wall"] / times["batched"]["wall"], 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="runs/quickstart", help="a quickstart output dir (sft/, experts/)")
@@ -180,6 +217,8 @@ def main() -> None:
     parser.add_argument("--n-prompts", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--output", default=None, help="write the results as JSON here")
+    parser.add_argument("--batch-lambdas", type=int, default=8, help="K of the grid.batch_lambdas=K comparison")
+    parser.add_argument("--only-batched", action="store_true", help="skip the reload comparison")
     parser.add_argument("--synthetic", type=int, nargs=2, metavar=("HIDDEN", "LAYERS"), default=None,
                         help="time a random LLaMA of this size with random LoRA experts instead of --root")
     args = parser.parse_args()
@@ -202,6 +241,18 @@ def main() -> None:
     for n_prompts in args.n_prompts:
         evaluator = build_evaluator(root, experts, n_prompts, args.max_new_tokens, bool(args.synthetic))
         row: dict = {"n_prompts": n_prompts}
+        run_batched(root, experts, lambdas[:2], evaluator, 2)  # warm-up: imports and first calls are free
+        batched = run_batched(root, experts, lambdas, evaluator, args.batch_lambdas)
+        row["batch_lambdas"] = batched
+        print(f"n_prompts={n_prompts:>4} grid.batch_lambdas={args.batch_lambdas}: "
+              f"{batched['batched']['points_per_min_cpu']:.1f} λ/min of CPU "
+              f"({batched['batched']['points_per_min_wall']:.1f} wall) vs 1: "
+              f"{batched['one']['points_per_min_cpu']:.1f} "
+              f"({batched['one']['points_per_min_wall']:.1f} wall) = {batched['speedup_cpu']}x CPU, "
+              f"{batched['speedup_wall']}x wall; |Δreward| ≤ {batched['max_reward_diff']:.2g}", flush=True)
+        if args.only_batched:
+            record["runs"].append(row)
+            continue
         run_interleaved(root, experts, lambdas[:1], evaluator)  # warm-up: imports and first calls are free
         row.update(run_interleaved(root, experts, lambdas, evaluator))
         for name in METHODS:
