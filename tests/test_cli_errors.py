@@ -23,6 +23,7 @@ ENTRY_POINTS = {
     "mix": ["-m", "soups.mix"],
     "pareto": ["-m", "soups.pareto"],
     "quickstart": ["-m", "soups.quickstart"],
+    "serve": ["-m", "soups.serve"],
     "train_ppo": [str(REPO / "rl" / "train_ppo.py")],
     "vision_train": [str(REPO / "vision" / "train.py")],
     "vision_sweep": [str(REPO / "vision" / "sweep.py")],
@@ -32,6 +33,7 @@ ENTRY_POINTS = {
 # An unknown option of a config group of the entry point's own (Hydra's launcher group where it has none).
 GROUP_ROWS = {
     "pareto": "evaluator=nope",
+    "serve": "evaluator=nope",
     "train_ppo": "task=nope",
     "train_ensemble": "method=nope",
     "quickstart": "task=nope",
@@ -57,6 +59,7 @@ ROWS += [
     pytest.param("train_ppo", ["ppo.lrr=1e-3"], "did you mean 'ppo.lr'", id="train_ppo-nested-unknown-key"),
     pytest.param("train_ppo", ["ppo=5"], "section", id="train_ppo-scalar-for-section"),
     pytest.param("pareto", ["dtype=float7"], "float7", id="pareto-dtype-float7"),
+    pytest.param("serve", ["experts=[a.safetensors]"], "at least 2 experts", id="serve-one-expert"),
     pytest.param("mix", ["weights=0.5", "output=out"], "weights", id="mix-scalar-weights"),
     pytest.param("mix", ["experts=path", "output=out"], "experts", id="mix-string-experts"),
     pytest.param("mix", [*TWO_EXPERTS, "weights=[0,0]", "allow_extrapolation=true"], "weights", id="mix-zero-sum"),
