@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ from soups.utils import SoupsError
 __all__ = ["CLUSTERS", "DEFAULTS", "Run", "executor", "settings", "slurm_script", "submit_runs"]
 
 CLUSTERS = ("local", "slurm")
+#: Seconds between checks of running local jobs.
+POLL_S = 0.5
 
 #: The `submitit:` config node's fields and defaults (configs/vision_sweep/config.yaml documents them).
 DEFAULTS: dict[str, Any] = {
@@ -159,7 +162,7 @@ def executor(cfg: Mapping[str, Any] | None, folder: str | Path, name: str = "sou
     """
     s = settings(cfg)
     if s["cluster"] == "local":
-        ex = submitit.AutoExecutor(folder=str(folder), cluster="local")
+        ex = submitit.AutoExecutor(folder=str(folder), cluster="local", local_max_num_timeout=int(s["max_num_timeout"]))
         ex.update_parameters(timeout_min=int(s["timeout_min"]), name=name)
         return ex
     try:
@@ -236,17 +239,26 @@ def submit_runs(runs: Sequence[Run], cfg: Mapping[str, Any] | None, desc: str = 
             _link(run.log_dir, Path(job.paths.folder))
         collect(list(zip(todo, jobs)))
     else:
+        # submitit's local executor starts every submitted job at once: keep at most `width` running, and give
+        # each a GPU of its own when there are GPUs; a finished job's slot goes to the next run at once.
         gpus = _local_gpus(s["local_gpus"])
-        width = len(gpus) if gpus else int(s["array_parallelism"])
-        for start in range(0, len(todo), width):  # waves: submitit's local executor starts all jobs at once
-            wave = todo[start : start + width]
-            pairs = []
-            for i, run in enumerate(wave):
+        free: list[int | None] = list(gpus) if gpus else [None] * int(s["array_parallelism"])
+        pending = list(todo)
+        running: list[tuple[Run, Any, int | None]] = []
+        while pending or running:
+            while pending and free:
+                gpu, run = free.pop(0), pending.pop(0)
                 ex = executor(s, run.log_dir, name=run.name)
-                if gpus:
-                    ex.update_parameters(gpus_per_node=1, visible_gpus=[gpus[i]])
-                pairs.append((run, ex.submit(_Call(), run.fn, tuple(run.args), run.resume_args)))
-            collect(pairs)
+                if gpu is not None:
+                    ex.update_parameters(gpus_per_node=1, visible_gpus=[gpu])
+                running.append((run, ex.submit(_Call(), run.fn, tuple(run.args), run.resume_args), gpu))
+            ended = [item for item in running if item[1].done()]
+            if not ended:
+                time.sleep(POLL_S)
+            for item in ended:
+                running.remove(item)
+                free.append(item[2])
+                collect([(item[0], item[1])])
     if failures:
         listed = "\n  ".join(failures)
         raise SoupsError(
