@@ -355,6 +355,9 @@ def build_blocks(engine: LiveSoup, rows: Sequence[dict[str, Any]], *, n_examples
             def on_triangle(evt: gr.SelectData) -> list[float]:
                 return triangle_lambdas(*evt.index)
 
+            # gradio finds the click data by the parameter's type; this module's annotations are strings
+            on_triangle.__annotations__["evt"] = gr.SelectData
+
             triangle.select(on_triangle, None, sliders).then(on_generate, inputs, outputs)
     return page
 

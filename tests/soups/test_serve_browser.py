@@ -106,3 +106,30 @@ def test_slider_generate_output_equals_the_soup_at_that_lambda(browser, tmp_path
         vertex = [0.0] * (engine.n_experts - 1) + [1.0]
         assert browser.find_element(By.CSS_SELECTOR, "#soup-output textarea").get_attribute("value") == \
             reference_output(engine.experts, vertex, prompt, engine.max_new_tokens)  # fmt: skip
+
+
+@pytest.mark.slow  # a second server of three experts (~10 s more); the two-expert test above covers the page
+def test_triangle_click_sets_lambda_for_three_experts(browser, tmp_path_factory) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from soups.serve import triangle_lambdas
+
+    wait = WebDriverWait(browser, 60)
+    with smoke_server(tmp_path_factory.mktemp("serve_tri"), ["smoke.n_experts=3"]) as (engine, _, url):
+        browser.get(url + "/")
+        image = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#lambda-triangle img"))
+        wait.until(lambda d: image.size["width"] > 0)
+        # the image is shown at its natural 240 px: offsets from its centre are pixels of the triangle
+        assert image.size == {"width": 240, "height": 240}, image.size
+        ActionChains(browser).move_to_element_with_offset(image, -60, 60).click().perform()
+        expected = triangle_lambdas(60, 180)
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#status").text == "ok")
+        values = [float(browser.find_element(By.CSS_SELECTOR, f"#lambda-{i} input[type=number]").get_attribute("value"))
+                  for i in range(3)]  # fmt: skip
+        assert values == pytest.approx(expected, abs=0.011), (values, expected)  # ±1 px of rounding
+        lam = check_lambdas(values, 3)
+        prompt = browser.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value")
+        output = browser.find_element(By.CSS_SELECTOR, "#soup-output textarea").get_attribute("value")
+        assert output == reference_output(engine.experts, lam, prompt, engine.max_new_tokens)
