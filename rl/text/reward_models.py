@@ -42,6 +42,7 @@ from rl.text.task import (
     generate_facts_summary,
     task_words,
 )
+from soups.cli import bar_disabled
 from soups.utils import SoupsError, atomic_dir, seed_everything, write_json
 
 # How each tiny reward model is read, mirroring the paper's two Hub reward models.
@@ -213,7 +214,7 @@ def train_reward_model(
     order: list[int] = []
     losses: list[float] = []
     model.train()
-    for _ in tqdm(range(cfg.steps), desc=f"reward model {objective}", disable=not show_progress, leave=False):
+    for _ in tqdm(range(cfg.steps), desc=f"reward model {objective}", disable=bar_disabled(show_progress), leave=False):
         if len(order) < cfg.batch_size:
             fresh = list(range(len(train)))
             rng.shuffle(fresh)
