@@ -63,17 +63,18 @@ def _lambdas(n_experts: int, count: int, seed: int) -> list[list[float]]:
     return out
 
 
-def throughput(engine: Any, url: str, prompts: list[str]) -> dict[str, Any]:
-    """Requests/s of 40 requests one at a time versus 40 at once (cold caches), same-λ and distinct keys."""
+def throughput(engine: Any, url: str, prompts: list[str], trials: int) -> dict[str, Any]:
+    """Requests/s of 40 requests one at a time versus 40 at once (cold caches), same-λ and distinct keys; the
+    median over `trials` (a shared CPU makes single trials noisy)."""
     n = engine.n_experts
     lams = _lambdas(n, 8, seed=1)
     cases = {
         "40 requests, 8 λ × 5": [(lam, prompts[0]) for lam in lams for _ in range(5)],
         "40 requests, 40 distinct (λ, prompt)": [(lam, p) for lam in lams for p in prompts[:5]],
     }
-    out = {}
-    for name, requests in cases.items():
-        random.Random(0).shuffle(requests)
+    out: dict[str, Any] = {name: {"sequential_rps": [], "concurrent_rps": []} for name in cases}
+    for trial, (name, requests) in ((t, c) for t in range(trials) for c in cases.items()):
+        random.Random(trial).shuffle(requests)
         engine.clear_caches()
         t0 = time.perf_counter()
         single = [post(f"{url}/api/generate", {"lambdas": lam, "prompt": p}) for lam, p in requests]
@@ -86,8 +87,9 @@ def throughput(engine: Any, url: str, prompts: list[str]) -> dict[str, Any]:
         for (_, a), (status, b) in zip(single, burst):
             if status != 200 or a["output"] != b["output"]:
                 raise SystemExit(f"cross-talk or failure under load: {a} vs {status} {b}")
-        out[name] = {"sequential_rps": len(requests) / sequential, "concurrent_rps": len(requests) / concurrent}
-    return out
+        out[name]["sequential_rps"].append(len(requests) / sequential)
+        out[name]["concurrent_rps"].append(len(requests) / concurrent)
+    return {name: {k: statistics.median(v) for k, v in rates.items()} for name, rates in out.items()}
 
 
 def latency(engine: Any, url: str, prompt: str, repeats: int, overrides: list[str]) -> dict[str, Any]:
@@ -98,8 +100,8 @@ def latency(engine: Any, url: str, prompt: str, repeats: int, overrides: list[st
     from soups.pareto import open_soup
 
     n = engine.n_experts
-    fresh = iter(_lambdas(n, 3 * repeats + 8, seed=2))
-    api, page, rebuild, switch = [], [], [], []
+    fresh = iter(_lambdas(n, 5 * repeats + 8, seed=2))
+    api, page, rebuild, switch, validation = [], [], [], [], []
     client = Client(url + "/", verbose=False)
     engine.generate([1.0 / n] * n, prompt)  # warm-up: first forward pass, the experts' outputs
     engine.expert_outputs(prompt)
@@ -124,21 +126,26 @@ def latency(engine: Any, url: str, prompt: str, repeats: int, overrides: list[st
         rebuild.append(time.perf_counter() - t0)
         del soup, model
 
+        t0 = time.perf_counter()
+        engine.validation(next(fresh))
+        validation.append(time.perf_counter() - t0)
+
         with engine._model_lock:
             t0 = time.perf_counter()
             engine.soup.set_weights(next(fresh))
             switch.append(time.perf_counter() - t0)
     client.close()
     return {name: statistics.median(values) for name, values in
-            (("api_s", api), ("page_s", page), ("rebuild_s", rebuild), ("switch_s", switch))}  # fmt: skip
+            (("api_s", api), ("page_s", page), ("rebuild_s", rebuild), ("switch_s", switch),
+             ("validation_s", validation))}  # fmt: skip
 
 
-def bench(label: str, overrides: list[str], repeats: int, workdir: Path) -> dict[str, Any]:
+def bench(label: str, overrides: list[str], repeats: int, trials: int, workdir: Path) -> dict[str, Any]:
     engine, server, url = _serve(overrides, workdir)
     try:
         prompts = engine.live.examples(8)
         result = {"model": label, "experts": engine.expert_names, "max_new_tokens": engine.max_new_tokens}
-        result["throughput"] = throughput(engine, url, prompts)
+        result["throughput"] = throughput(engine, url, prompts, trials)
         result["latency"] = latency(engine, url, prompts[0], repeats, overrides)
         n_params = sum(p.numel() for p in engine.soup.model.parameters())
         result["parameters"] = n_params
@@ -151,6 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=str(REPO / "runs" / "quickstart"), help="quickstart dir (skipped if absent)")
     parser.add_argument("--repeats", type=int, default=5, help="fresh λ per latency figure (median)")
+    parser.add_argument("--trials", type=int, default=3, help="throughput trials (median)")
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
@@ -160,7 +168,7 @@ def main() -> None:
         cases.append((f"quickstart ({run.name})", [f"run={run}", "evaluator.n_prompts=16", "front_points=0"]))
     else:
         print(f"no quickstart at {run}: run python -m soups.quickstart to add that row")
-    results = [bench(label, overrides, args.repeats, work) for label, overrides in cases]
+    results = [bench(label, overrides, args.repeats, args.trials, work) for label, overrides in cases]
 
     print(f"\ntorch threads: {__import__('torch').get_num_threads()}, cpus: {os.cpu_count()}")
     print("\n| model | requests | one at a time (req/s) | 40 at once (req/s) |\n|---|---|---|---|")
@@ -169,13 +177,14 @@ def main() -> None:
             print(f"| {r['model']} | {name} | {t['sequential_rps']:.1f} | {t['concurrent_rps']:.1f} |")
     print(
         "\n| model | params | new tokens | λ switch | API: new λ → output | page: new λ → all panels | "
-        "rebuild per request |\n|---|---|---|---|---|---|---|"
+        "of which validation at λ | rebuild per request |\n|---|---|---|---|---|---|---|---|"
     )
     for r in results:
         lat = r["latency"]
         print(
             f"| {r['model']} | {r['parameters']:,} | {r['max_new_tokens']} | {1e3 * lat['switch_s']:.2f} ms | "
-            f"{1e3 * lat['api_s']:.0f} ms | {1e3 * lat['page_s']:.0f} ms | {1e3 * lat['rebuild_s']:.0f} ms |"
+            f"{1e3 * lat['api_s']:.0f} ms | {1e3 * lat['page_s']:.0f} ms | {1e3 * lat['validation_s']:.0f} ms | "
+            f"{1e3 * lat['rebuild_s']:.0f} ms |"
         )
     if args.json:
         write_json(Path(args.json).absolute() if Path(args.json).is_absolute() else REPO / args.json, results)
