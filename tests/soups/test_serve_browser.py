@@ -72,11 +72,17 @@ def test_slider_generate_output_equals_the_soup_at_that_lambda(browser, tmp_path
         lam = check_lambdas(values, engine.n_experts)
         shown = ", ".join(f"{name} {x:.3f}" for name, x in zip(engine.expert_names, lam))
 
-        # 2. click generate; 3. read the output once the page shows this λ (λ and output arrive together)
+        # 2. click generate; 3. read the output once the page shows this λ and is idle (λ, output and status
+        # arrive together; the slider's release already asked for the same λ, so either answer is this λ's)
         browser.find_element(By.CSS_SELECTOR, "#generate").click()
-        wait.until(lambda d: shown in d.find_element(By.CSS_SELECTOR, "#lambda-normalised").text)
-        output = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#soup-output textarea").get_attribute("value"))
-        assert browser.find_element(By.CSS_SELECTOR, "#status").text == "ok"
+
+        def settled(d):
+            done = d.find_element(By.CSS_SELECTOR, "#status").text == "ok"
+            return done and shown in d.find_element(By.CSS_SELECTOR, "#lambda-normalised").text
+
+        wait.until(settled)
+        output = browser.find_element(By.CSS_SELECTOR, "#soup-output textarea").get_attribute("value")
+        assert output
 
         # 4. what a fresh Soup set to that λ produces, greedy
         assert output == reference_output(engine.experts, lam, prompt, engine.max_new_tokens)
