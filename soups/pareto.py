@@ -352,8 +352,16 @@ def load_base_model(base: str, *, device: torch.device, dtype: torch.dtype) -> t
     return model.to(device).eval()
 
 
-def open_soup(paths: Sequence[str], *, base_model: str | None, device: torch.device, dtype: torch.dtype) -> Any:
-    """A resident `Soup` of `paths` (adapters on `base_model`, or full checkpoints)."""
+def open_soup(
+    paths: Sequence[str],
+    *,
+    base_model: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    allow_extrapolation: bool = False,
+) -> Any:
+    """A resident `Soup` of `paths` (adapters on `base_model`, or full checkpoints); `allow_extrapolation` lets
+    `set_weights` take λ off the simplex (the live page's toggle)."""
     from soups.soup import Soup
 
     info = check_experts(paths)
@@ -361,8 +369,10 @@ def open_soup(paths: Sequence[str], *, base_model: str | None, device: torch.dev
         base = base_model or info["base"]
         if base is None:
             raise SoupsError(f"adapter {paths[0]} names no base_model_name_or_path; set base_model=...")
-        return Soup.from_lora(list(paths), load_base_model(base, device=device, dtype=dtype))
-    return Soup.from_checkpoints(list(paths), device=device, dtype=dtype, progress=False)
+        return Soup.from_lora(list(paths), load_base_model(base, device=device, dtype=dtype),
+                              allow_extrapolation=allow_extrapolation)  # fmt: skip
+    return Soup.from_checkpoints(list(paths), device=device, dtype=dtype, progress=False,
+                                 allow_extrapolation=allow_extrapolation)  # fmt: skip
 
 
 def _evaluate_checkpoint(

@@ -174,8 +174,8 @@ def build_live(cfg: DictConfig) -> tuple[LiveSoup, list[dict[str, Any]]]:
     evaluator = build_evaluator(cfg.evaluator, experts=experts, device=device)
     live = live_evaluator(evaluator, str(cfg.evaluator.name))
     rows = front_rows(front_file, live.objectives) if front_file else []
-    soup = open_soup(experts, base_model=cfg.base_model, device=device, dtype=dtype)
-    soup._allow_extrapolation = bool(cfg.allow_extrapolation)  # the page's toggle decides per request
+    soup = open_soup(experts, base_model=cfg.base_model, device=device, dtype=dtype,
+                     allow_extrapolation=bool(cfg.allow_extrapolation))  # fmt: skip
     engine = LiveSoup(soup, live, experts=experts, expert_names=names, max_new_tokens=int(cfg.max_new_tokens),
                       max_prompt_chars=int(cfg.max_prompt_chars), allow_extrapolation=bool(cfg.allow_extrapolation),
                       export_dir=export_dir, cache_size=int(cfg.cache_size))  # fmt: skip

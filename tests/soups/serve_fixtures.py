@@ -66,14 +66,16 @@ def post(url: str, body: Any, *, raw: bytes | None = None, timeout: float = 120)
         return err.code, json.loads(err.read())
 
 
-def reference_output(experts: Sequence[str], lam: Sequence[float], prompt: str, max_new_tokens: int) -> str:
+def reference_output(
+    experts: Sequence[str], lam: Sequence[float], prompt: str, max_new_tokens: int, *, extrapolate: bool = False
+) -> str:
     """Greedy output of a fresh `Soup` of `experts` set to λ (the tokenizer saved beside the first expert)."""
     import torch
     from transformers import AutoTokenizer
 
     from soups.soup import Soup
 
-    soup = Soup.from_checkpoints(list(experts), progress=False)
+    soup = Soup.from_checkpoints(list(experts), progress=False, allow_extrapolation=extrapolate)
     model = soup.set_weights(list(lam))
     tokenizer = AutoTokenizer.from_pretrained(experts[0])
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]

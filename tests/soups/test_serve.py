@@ -142,6 +142,21 @@ def test_info_lists_experts_objectives_and_caps(served) -> None:
     assert info["max_new_tokens"] == 12 and info["max_prompt_chars"] == 400 and not info["allow_extrapolation"]
 
 
+def test_extrapolation_only_where_the_server_allows_it(tmp_path: Path, monkeypatch) -> None:
+    from soups.serve import build_live
+
+    monkeypatch.chdir(tmp_path)
+    engine, _ = build_live(compose(["experiment=smoke", f"smoke.dir={tmp_path / 'smoke'}", "front_points=0",
+                                    "allow_extrapolation=true"]))  # fmt: skip
+    prompt = engine.live.examples(1)[0]
+    with pytest.raises(SoupsError, match="negative"):
+        engine.generate([-0.5, 1.5], prompt)  # the toggle is off for this request
+    result = engine.generate([-1, 3], prompt, extrapolate=True)
+    assert result["lambdas"] == [-0.5, 1.5]
+    expected = reference_output(engine.experts, [-0.5, 1.5], prompt, engine.max_new_tokens, extrapolate=True)
+    assert result["output"] == expected
+
+
 # ---- pure pieces ------------------------------------------------------------------------------------------------
 
 
