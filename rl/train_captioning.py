@@ -329,12 +329,13 @@ def train(cfg: DictConfig) -> Path:
         print(f"xe init: {final_dir} (final loss {losses[-1]:.3f})")
         return final_dir
 
-    # ---- SCST set-up: init, task, rewards, trainable part, reference for the KL ------------------------------
+    # ---- SCST set-up: task, rewards (a bad reward or missing java fails before any init is built), init, ------
+    #      trainable part, reference for the KL
+    task = build_caption_task(cfg.task)
+    reward_set, scorer = build_caption_rewards(cfg.reward, [s["refs"] for s in task.train], java=str(cfg.java))
     state_before = runtime.rng_state()
     init = str(cfg.model.name_or_path or ensure_xe_init(cfg, device=device, progress=progress))
     runtime.set_rng_state(state_before)  # the run is the same whether the init was just built or found cached
-    task = build_caption_task(cfg.task)
-    reward_set, scorer = build_caption_rewards(cfg.reward, [s["refs"] for s in task.train], java=str(cfg.java))
     names = list(reward_set.names)
     captioner = load_captioner(init, device=device)
     reference = None if str(cfg.scst.params) == "lora" else copy.deepcopy(captioner.model).eval()
