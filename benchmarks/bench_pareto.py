@@ -84,7 +84,7 @@ class Resident:
     """soups.pareto's way: one Soup built once, `set_weights` per λ."""
 
     def __init__(self, root: Path, experts: list[str]) -> None:
-        from soups.pareto import open_soup
+        from soups.front import open_soup
 
         self.soup = open_soup(experts, base_model=str(root / "sft"), device=torch.device("cpu"), dtype=torch.float32)
 

@@ -97,7 +97,7 @@ def latency(engine: Any, url: str, prompt: str, repeats: int, overrides: list[st
     import torch
     from gradio_client import Client
 
-    from soups.pareto import open_soup
+    from soups.front import open_soup
 
     n = engine.n_experts
     fresh = iter(_lambdas(n, 5 * repeats + 8, seed=2))

@@ -47,7 +47,7 @@ from fastapi import Request  # at module level: FastAPI resolves the handler's s
 from omegaconf import DictConfig, OmegaConf
 
 from soups.serve_live import LiveSoup, front_rows, live_evaluator, stats_row
-from soups.utils import SoupsError, seed_everything
+from soups.utils import SoupsError
 
 __all__ = ["build_live", "build_app", "build_smoke_experts", "quickstart_experts", "serve_in_thread", "main"]
 
@@ -56,41 +56,23 @@ __all__ = ["build_live", "build_app", "build_smoke_experts", "quickstart_experts
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_smoke_experts(root: str | Path, n: int, seed: int, scale: float = 0.05) -> list[Path]:
-    """Tiny full-checkpoint experts of the embedded text task, built offline in seconds (kept if present).
+# The family module that builds each evaluator's smoke experts (`build_smoke_experts(root, n, seed, scale)`),
+# named as data and imported on demand, as `EVALUATOR_MODULES` does: soups does not import rl.
+SMOKE_EXPERT_MODULES: dict[str, str] = {"text": "rl.text.sft"}
 
-    The shared init is the quickstart's tiny LLaMA (untrained) with the task's word tokenizer, so the text
-    evaluator scores it like any expert of that task; expert i is the init plus a perturbation of scale `scale`
-    seeded by `seed + 1 + i`, saved with `save_pretrained` beside the tokenizer.
 
-    Returns:
-        The expert directories (absolute).
+def build_smoke_experts(root: str | Path, n: int, seed: int, scale: float = 0.05, *, task: str = "text") -> list[Path]:
+    """Tiny experts of `task` for `experiment=smoke`, built offline in seconds by the family's own builder.
+
+    Raises:
+        SoupsError: no smoke builder for `task` (the valid ones are listed).
     """
-    # The embedded task's tokenizer and model builders, as soups.quickstart uses them (imported only here).
-    from rl.text.models import build_tiny_causal_lm, build_tokenizer
-    from rl.text.sft import SFTInitConfig
+    import importlib
 
-    root = Path(root).absolute()
-    paths = [root / f"expert{i}" for i in range(n)]
-    if all((p / "config.json").is_file() for p in paths):
-        return paths
-    from soups.utils import atomic_dir
-
-    seed_everything(seed)
-    tokenizer = build_tokenizer()
-    init = build_tiny_causal_lm(SFTInitConfig(seed=seed), len(tokenizer), tokenizer.pad_token_id,
-                                tokenizer.eos_token_id)  # fmt: skip
-    base = {k: v.clone() for k, v in init.state_dict().items()}
-    for i, path in enumerate(paths):
-        if (path / "config.json").is_file():
-            continue
-        generator = torch.Generator().manual_seed(seed + 1 + i)
-        init.load_state_dict({k: v + scale * torch.randn(v.shape, generator=generator) if v.is_floating_point()
-                              else v for k, v in base.items()})  # fmt: skip
-        with atomic_dir(path, overwrite=True) as tmp:
-            init.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-    return paths
+    if task not in SMOKE_EXPERT_MODULES:
+        raise SoupsError(f"no smoke experts for evaluator {task!r}; valid: {', '.join(sorted(SMOKE_EXPERT_MODULES))}")
+    module = importlib.import_module(SMOKE_EXPERT_MODULES[task])
+    return module.build_smoke_experts(root, n, seed, scale)
 
 
 def quickstart_experts(run: str | Path) -> tuple[list[str], list[str], Path | None]:
@@ -137,7 +119,7 @@ def build_live(cfg: DictConfig) -> tuple[LiveSoup, list[dict[str, Any]]]:
         SoupsError: no experts, fewer than 2, experts that cannot be mixed, an export dir outside the working
             directory, a front file that does not score the served objectives...
     """
-    from soups.pareto import check_device_and_dtype, open_soup
+    from soups.front import check_device_and_dtype, open_soup
     from soups.pareto_registry import build_evaluator
 
     dtype = check_device_and_dtype(str(cfg.device), cfg.dtype)
@@ -153,8 +135,9 @@ def build_live(cfg: DictConfig) -> tuple[LiveSoup, list[dict[str, Any]]]:
     front_file = cfg.front
     names = [str(n) for n in cfg.expert_names]
     if cfg.smoke.enabled:
-        experts = [str(p) for p in build_smoke_experts(cfg.smoke.dir, int(cfg.smoke.n_experts), int(cfg.seed),
-                                                       float(cfg.smoke.scale))]  # fmt: skip
+        built = build_smoke_experts(cfg.smoke.dir, int(cfg.smoke.n_experts), int(cfg.seed), float(cfg.smoke.scale),
+                                    task=str(cfg.evaluator.name))
+        experts = [str(p) for p in built]
     elif cfg.run is not None:
         if cfg.experts is not None:
             raise SoupsError("give run= or experts=, not both")
@@ -186,7 +169,7 @@ def build_live(cfg: DictConfig) -> tuple[LiveSoup, list[dict[str, Any]]]:
 
 def startup_front(engine: LiveSoup, n_points: int) -> list[dict[str, Any]]:
     """A coarse front: the validation means on the largest simplex grid with at most `n_points` points."""
-    from soups.pareto import grid_divisions
+    from soups.front import grid_divisions
     from soups.simplex import simplex_grid
 
     k = grid_divisions(engine.n_experts, max(n_points, engine.n_experts))
@@ -271,7 +254,7 @@ def build_blocks(engine: LiveSoup, rows: Sequence[dict[str, Any]], *, n_examples
     """The Gradio page on `engine`."""
     import gradio as gr
 
-    from soups.mix import mix
+    from soups.merge import mix
 
     n = engine.n_experts
     objectives = engine.objectives

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from rl.text.models import build_tiny_causal_lm, build_tokenizer
 from rl.text.task import FactsSummaryConfig, default_cache_dir, generate_facts_summary
 from soups.cli import bar_disabled
-from soups.utils import SoupsError
+from soups.utils import SoupsError, atomic_dir, seed_everything
 
 
 def build_sft_batch(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -217,3 +217,36 @@ def ensure_sft_init(
         if not info_path.exists():  # another process finished the same build first: that one is as good
             raise
     return target
+
+
+def build_smoke_experts(root: str | Path, n: int, seed: int, scale: float = 0.05) -> list[Path]:
+    """Tiny full-checkpoint experts of the embedded text task, built offline in seconds (kept if present).
+
+    The smoke experts of `python -m soups.serve` (`soups.serve.SMOKE_EXPERT_MODULES` names this module).
+
+    The shared init is the quickstart's tiny LLaMA (untrained) with the task's word tokenizer, so the text
+    evaluator scores it like any expert of that task; expert i is the init plus a perturbation of scale `scale`
+    seeded by `seed + 1 + i`, saved with `save_pretrained` beside the tokenizer.
+
+    Returns:
+        The expert directories (absolute).
+    """
+    root = Path(root).absolute()
+    paths = [root / f"expert{i}" for i in range(n)]
+    if all((p / "config.json").is_file() for p in paths):
+        return paths
+    seed_everything(seed)
+    tokenizer = build_tokenizer()
+    init = build_tiny_causal_lm(SFTInitConfig(seed=seed), len(tokenizer), tokenizer.pad_token_id,
+                                tokenizer.eos_token_id)  # fmt: skip
+    base = {k: v.clone() for k, v in init.state_dict().items()}
+    for i, path in enumerate(paths):
+        if (path / "config.json").is_file():
+            continue
+        generator = torch.Generator().manual_seed(seed + 1 + i)
+        init.load_state_dict({k: v + scale * torch.randn(v.shape, generator=generator) if v.is_floating_point()
+                              else v for k, v in base.items()})  # fmt: skip
+        with atomic_dir(path, overwrite=True) as tmp:
+            init.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    return paths
