@@ -1,0 +1,209 @@
+"""The captioning family: SCST loss and baselines (hand-worked numbers), the scenes and Karpathy loaders, the
+metric rewards, and rl/train_captioning.py's two stages on the embedded task (checkpoints, exact resume).
+
+The training runs share one smoke XE init built once per session in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from safetensors.torch import load_file
+
+from rl import train_captioning
+from rl.captioning.models import build_scene_tokenizer, decode_captions, sequence_mask
+from rl.captioning.rewards import build_caption_rewards, greedy_baseline, leave_one_out_baseline, scst_loss
+from rl.captioning.task import ScenesConfig, build_caption_task, generate_scenes, load_karpathy, scene_words
+from soups.utils import SoupsError
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = ROOT / "configs" / "train_captioning"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SCST maths
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_greedy_baseline_repeats_each_image_k_times() -> None:
+    assert greedy_baseline(torch.tensor([0.5, 1.0]), 3).tolist() == [0.5, 0.5, 0.5, 1.0, 1.0, 1.0]
+
+
+def test_leave_one_out_baseline_hand_worked() -> None:
+    # image 0: rewards 1, 2, 3 -> (2+3)/2, (1+3)/2, (1+2)/2; image 1: 0, 0, 3 -> 1.5, 1.5, 0
+    got = leave_one_out_baseline(torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 3.0]), 3)
+    assert got.tolist() == [2.5, 2.0, 1.5, 1.5, 1.5, 0.0]
+    with pytest.raises(SoupsError, match="samples >= 2"):
+        leave_one_out_baseline(torch.tensor([1.0]), 1)
+
+
+def test_scst_loss_hand_worked() -> None:
+    # sample 0: log-probs -1, -2 (the third token is after EOS); sample 1: -0.5, -0.5, -1
+    logprobs = torch.tensor([[-1.0, -2.0, -7.0], [-0.5, -0.5, -1.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    rewards, baseline = torch.tensor([1.0, 0.2]), torch.tensor([0.5, 0.7])
+    out = scst_loss(logprobs, mask, rewards, baseline)
+    # advantages 0.5 and -0.5; sequence log-probs -3 and -2; loss = -mean(0.5·-3, -0.5·-2) = -mean(-1.5, 1) = 0.25
+    assert out.advantage.tolist() == pytest.approx([0.5, -0.5])
+    assert out.loss.item() == pytest.approx(0.25)
+    out.loss.backward()
+    # d loss / d logprob_st = -adv_s · mask_st / N
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-0.25, -0.25, 0.0], [0.25, 0.25, 0.25]]))
+
+
+def test_scst_baseline_gets_no_gradient() -> None:
+    rewards = torch.tensor([1.0, 0.0], requires_grad=True)
+    out = scst_loss(torch.zeros(2, 1, requires_grad=True), torch.ones(2, 1), rewards, rewards.mean().expand(2))
+    out.loss.backward()
+    assert rewards.grad is None
+
+
+def test_sequence_mask_and_decoding_stop_at_eos() -> None:
+    tok = build_scene_tokenizer()
+    eos = tok.eos_token_id
+    ids = tok("a red box", add_special_tokens=False)["input_ids"]
+    tokens = torch.tensor([[*ids, eos, ids[0]], [*ids, ids[1], ids[2]]])
+    assert sequence_mask(tokens, eos).tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert decode_captions(tok, tokens, eos) == ["a red box", "a red box red box"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data and rewards
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_scenes_are_deterministic_with_five_distinct_references() -> None:
+    cfg = ScenesConfig(n_train=50, n_val=5, n_test=5, max_shapes=3)
+    a, b = generate_scenes(cfg, "train"), generate_scenes(cfg, "train")
+    assert [s["refs"] for s in a] == [s["refs"] for s in b]
+    assert all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, b))
+    assert generate_scenes(cfg, "val")[0]["refs"] != a[0]["refs"]
+    vocab = set(scene_words())
+    for s in a:
+        assert len(set(s["refs"])) == 5
+        assert s["image"].shape == (64, 64, 3) and s["image"].dtype == np.uint8
+        assert (s["image"] != 245).any()  # at least one shape is drawn
+        assert {w for r in s["refs"] for w in r.split()} <= vocab
+    tok = build_scene_tokenizer()
+    assert tok.unk_token_id not in tok(a[0]["refs"][0], add_special_tokens=False)["input_ids"]
+
+
+def test_karpathy_loader(tmp_path: Path) -> None:
+    with pytest.raises(SoupsError, match="Karpathy split file .*missing.json not found"):
+        load_karpathy(tmp_path / "missing.json", tmp_path, "train")
+    images = [
+        {"filepath": "train2014", "filename": "a.jpg", "split": "train", "cocoid": 1, "sentences": [{"raw": "A dog."}]},
+        {"filepath": "val2014", "filename": "b.jpg", "split": "restval", "cocoid": 2, "sentences": [{"raw": "A cat."}]},
+        {"filepath": "val2014", "filename": "c.jpg", "split": "test", "cocoid": 3, "sentences": [{"raw": "A cow."}]},
+    ]  # fmt: skip
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images}))
+    train = load_karpathy(tmp_path / "dataset_coco.json", tmp_path, "train")
+    assert [s["id"] for s in train] == [1, 2]  # restval joins train
+    assert train[1]["path"] == str(tmp_path / "val2014" / "b.jpg") and train[1]["refs"] == ["A cat."]
+    with pytest.raises(SoupsError, match="no image in split 'val'"):
+        load_karpathy(tmp_path / "dataset_coco.json", tmp_path, "val")
+    images[0]["sentences"] = []
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images}))
+    with pytest.raises(SoupsError, match="image 1 has no reference captions"):
+        load_karpathy(tmp_path / "dataset_coco.json", tmp_path, "train")
+
+
+def test_caption_rewards_score_every_objective_and_scalarise() -> None:
+    task = build_caption_task({"name": "scenes", "n_train": 20, "n_val": 2, "n_test": 2})
+    refs = [s["refs"] for s in task.train]
+    cfg = {"objectives": ["bleu1", "rouge", "cider"], "optimize": "morl", "weights": [0.25, 0.75, 0.0]}
+    rewards, scorer = build_caption_rewards(cfg, refs)
+    samples = task.train[:2]
+    texts = [samples[0]["refs"][0], ""]
+    raw = rewards(samples, texts)
+    direct = scorer.scores(texts, [s["refs"] for s in samples])
+    assert raw[:, 0].tolist() == pytest.approx(direct["bleu1"].tolist())
+    assert raw[:, 1].tolist() == pytest.approx(direct["rouge_l"].tolist())
+    assert raw[:, 2].tolist() == pytest.approx(direct["cider"].tolist())
+    assert raw[0, 0] == pytest.approx(1.0) and raw[1].tolist() == [0.0, 0.0, 0.0]  # a reference; the empty caption
+    assert rewards.scalar(raw).tolist() == pytest.approx((0.25 * raw[:, 0] + 0.75 * raw[:, 1]).tolist())
+    with pytest.raises(SoupsError, match="unknown caption reward"):
+        build_caption_rewards({"objectives": ["spice"]}, refs)
+    with pytest.raises(SoupsError, match="sum to 1"):
+        build_caption_rewards({"objectives": ["bleu1", "rouge"], "optimize": "morl", "weights": [1, 1]}, refs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _cfg(tmp: Path, init_dir: Path, *overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=["experiment=smoke", f"output_dir={tmp}", f"model.init_dir={init_dir}",
+                                             *overrides])  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def init_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("captioning") / "init"
+    cfg = _cfg(path.parent / "unused", path)
+    return train_captioning.ensure_xe_init(cfg, device=torch.device("cpu"), progress=False)
+
+
+def test_xe_stage_saves_a_loadable_captioner(tmp_path: Path, init_dir: Path) -> None:
+    from transformers import VisionEncoderDecoderModel
+
+    final = train_captioning.train(_cfg(tmp_path / "xe", init_dir, "stage=xe", "xe.steps=5"))
+    rows = [json.loads(line) for line in (tmp_path / "xe" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and all(np.isfinite(r["xe/loss"]) for r in rows)
+    model = VisionEncoderDecoderModel.from_pretrained(final)
+    assert model.config.decoder_start_token_id == build_scene_tokenizer().bos_token_id
+
+
+def test_scst_trains_the_decoder_only_logs_every_objective_and_resumes_exactly(tmp_path: Path, init_dir: Path) -> None:
+    from transformers import VisionEncoderDecoderModel
+
+    straight = train_captioning.train(_cfg(tmp_path / "a", init_dir, "reward=bleu1"))
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("objective/bleu1", "objective/bleu4", "objective/rouge", "objective/cider", "scst/entropy",
+                "scst/kl_to_init", "perf/samples_per_s"):  # fmt: skip
+        assert key in rows[0] and np.isfinite(rows[0][key]), key
+    assert rows[0]["scst/kl_to_init"] == pytest.approx(0.0, abs=1e-5)  # no update yet: the policy is the init
+    assert rows[0]["reward/scalar"] == rows[0]["objective/bleu1"]
+    init = VisionEncoderDecoderModel.from_pretrained(init_dir).state_dict()
+    final = VisionEncoderDecoderModel.from_pretrained(straight).state_dict()
+    assert all(torch.equal(init[k], final[k]) for k in init if k.startswith("encoder."))
+    assert any(not torch.equal(init[k], final[k]) for k in init if k.startswith("decoder."))
+    ckpts = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert ckpts == ["step-000001", "step-000002"]
+
+    # the same run cut after step 1 and resumed: the same weights as the uninterrupted one
+    train_captioning.train(_cfg(tmp_path / "b", init_dir, "reward=bleu1", "scst.steps=1"))
+    resumed = train_captioning.train(_cfg(tmp_path / "b", init_dir, "reward=bleu1", "resume=true"))
+    a = load_file(tmp_path / "a" / "checkpoints" / "step-000002" / "trainable.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "step-000002" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert VisionEncoderDecoderModel.from_pretrained(resumed) is not None
+
+
+def test_scst_morl_with_lora_and_leave_one_out(tmp_path: Path, init_dir: Path) -> None:
+    from transformers import VisionEncoderDecoderModel
+
+    final = train_captioning.train(_cfg(tmp_path / "m", init_dir, "reward=morl", "reward.weights=[0.3,0.7]",
+                                        "scst.params=lora", "scst.baseline=leave_one_out"))  # fmt: skip
+    assert (tmp_path / "m" / "adapter" / "adapter_config.json").is_file()
+    row = json.loads((tmp_path / "m" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["reward/scalar"] == pytest.approx(0.3 * row["objective/bleu1"] + 0.7 * row["objective/rouge"], rel=1e-5)
+    assert row["reward/baseline"] == pytest.approx(row["reward/scalar"], rel=1e-5)  # leave-one-out: same mean
+    merged = VisionEncoderDecoderModel.from_pretrained(final)  # LoRA merged: a plain captioner
+    assert not any("lora" in k for k in merged.state_dict())
+
+
+def test_xe_init_built_with_other_settings_is_refused(tmp_path: Path, init_dir: Path) -> None:
+    with pytest.raises(SoupsError, match="built with other settings"):
+        train_captioning.ensure_xe_init(_cfg(tmp_path, init_dir, "xe.steps=7"), device=torch.device("cpu"),
+                                        progress=False)  # fmt: skip
