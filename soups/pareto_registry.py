@@ -87,6 +87,7 @@ EVALUATORS: Registry[EvaluatorBuilder] = Registry("evaluator")
 
 # name -> module whose import registers it (imported lazily by `build_evaluator`).
 EVALUATOR_MODULES: dict[str, str] = {
+    "captioning": "rl.captioning.evaluator",
     "text": "rl.text.evaluator",
     "vision_domains": "vision.pareto_eval",
 }

@@ -99,8 +99,17 @@ class CaptionModel:
         return self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(device)
 
     def save(self, path: str | Path) -> None:
-        """`save_pretrained` of model, tokenizer and processor into `path`."""
-        self.model.save_pretrained(path)
+        """`save_pretrained` of model, tokenizer and processor into `path`.
+
+        The weights are saved under the names the loaded model uses: transformers >= 5 renames some
+        architectures' tensors on load (ViT's `attention.attention.query` -> `attention.q_proj`) and renames them
+        back on save by default, so a checkpoint's names would differ from the resident model's and a `Soup` could
+        not match them; `from_pretrained` reads either form.
+        """
+        try:
+            self.model.save_pretrained(path, save_original_format=False)
+        except TypeError:  # transformers < 5: no renaming, no option
+            self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         self.processor.save_pretrained(path)
 
