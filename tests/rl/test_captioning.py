@@ -207,3 +207,72 @@ def test_xe_init_built_with_other_settings_is_refused(tmp_path: Path, init_dir: 
     with pytest.raises(SoupsError, match="built with other settings"):
         train_captioning.ensure_xe_init(_cfg(tmp_path, init_dir, "xe.steps=7"), device=torch.device("cpu"),
                                         progress=False)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Soups of captioners: the evaluator, and a written soup equals the resident one
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _perturbed_experts(init_dir: Path, tmp: Path) -> list[Path]:
+    """Two captioners: the init with its decoder moved in two seeded directions (saved as the trainer saves)."""
+    from rl.captioning.models import load_captioner
+
+    out = []
+    for i in range(2):
+        captioner = load_captioner(str(init_dir))
+        gen = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for name, param in captioner.model.named_parameters():
+                if name.startswith("decoder.") and param.is_floating_point():
+                    param.add_(0.3 * param.std() * torch.randn(param.shape, generator=gen))
+        captioner.save(tmp / f"expert{i}")
+        out.append(tmp / f"expert{i}")
+    return out
+
+
+def test_mixed_captioner_loads_with_from_pretrained_and_captions_like_the_resident_soup(
+    tmp_path: Path, init_dir: Path
+) -> None:
+    from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+
+    from rl.captioning.evaluator import greedy_captions
+    from soups.merge import mix
+    from soups.soup import Soup
+
+    experts = _perturbed_experts(init_dir, tmp_path)
+    task = build_caption_task({"name": "scenes", "n_train": 1, "n_val": 1, "n_test": 24})
+    images = [s["image"] for s in task.test]
+    tok, proc = AutoTokenizer.from_pretrained(experts[0]), AutoImageProcessor.from_pretrained(experts[0])
+    lam = [0.3, 0.7]
+    soup = Soup.from_checkpoints([str(p) for p in experts], progress=False)
+    resident = greedy_captions(soup.set_weights(lam), tok, proc, images)
+    ends = [greedy_captions(soup.set_weights(w), tok, proc, images) for w in ([1.0, 0.0], [0.0, 1.0])]
+    assert ends[0] != ends[1]  # the experts caption differently, so agreeing at λ is not trivial
+
+    mix([str(p) for p in experts], lam, tmp_path / "soup", progress=False)
+    written = VisionEncoderDecoderModel.from_pretrained(tmp_path / "soup").eval()
+    assert greedy_captions(written, tok, proc, images) == resident
+
+
+def test_captioning_evaluator_scores_every_objective(tmp_path: Path, init_dir: Path) -> None:
+    from soups.pareto_registry import build_evaluator
+
+    experts = [str(p) for p in _perturbed_experts(init_dir, tmp_path)]
+    cfg = {"name": "captioning", "task": {"name": "scenes", "n_train": 1, "n_val": 1, "n_test": 20},
+           "objectives": ["bleu1", "bleu4", "rouge", "cider"], "tokenizer": "simple", "bootstrap": 50}  # fmt: skip
+    evaluator = build_evaluator(cfg, experts=experts, device=torch.device("cpu"))
+    from rl.captioning.models import load_captioner
+
+    model = load_captioner(experts[0]).model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = evaluator.evaluate(model)
+    assert list(stats) == ["bleu1", "bleu4", "rouge", "cider"]
+    assert all(s.n == 20 and np.isfinite(s.mean) and s.stderr >= 0 for s in stats.values())
+    assert stats == evaluator.evaluate(model)  # greedy: deterministic
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # the reported numbers are the scorer's corpus scores of the captions
+    direct = evaluator.scorer.corpus(dict(zip(range(20), evaluator.last_captions)),
+                                     dict(enumerate(s["refs"] for s in evaluator.samples)))  # fmt: skip
+    assert stats["bleu1"].mean == pytest.approx(direct.scores["bleu1"])
+    assert stats["cider"].mean == pytest.approx(direct.scores["cider"])
