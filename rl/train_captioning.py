@@ -34,28 +34,18 @@ import pickle
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from rl import runtime
-from rl.captioning.models import (
-    CaptionModel,
-    build_scene_tokenizer,
-    build_tiny_captioner,
-    caption_logprobs,
-    decode_captions,
-    load_captioner,
-    model_kwargs,
-    sequence_mask,
-    tiny_image_processor,
-)
+from rl.captioning.models import CaptionModel, caption_logprobs, decode_captions, load_captioner, sequence_mask
 from rl.captioning.rewards import BASELINES, build_caption_rewards, greedy_baseline, leave_one_out_baseline, scst_loss
-from rl.captioning.task import CaptionTask, build_caption_task, load_images
+from rl.captioning.task import build_caption_task, load_images
+from rl.captioning.xe import build_captioner, ensure_xe_init, start_token, step_images, xe_train
 from soups.utils import SoupsError, atomic_dir, save_resolved_config, seed_everything, write_json
 
 CONFIG_PATH = "../configs/train_captioning"
@@ -96,12 +86,6 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:
     num("checkpoint.keep", ck["keep"], low=0, integer=True)
 
 
-def step_images(seed: int, step: int, n_images: int, count: int) -> list[int]:
-    """The training images of one step, a pure function of (seed, step) so a resumed run draws the same."""
-    rng = np.random.default_rng([seed, step])
-    return [int(i) for i in rng.choice(n_images, size=count, replace=count > n_images)]
-
-
 def check_torch_file(path: Path) -> None:
     """Validates a checkpoint's torch file (optimizer, RNG): it loads and its tensors are finite."""
     if path.suffix != ".pt":
@@ -113,121 +97,6 @@ def check_torch_file(path: Path) -> None:
     bad = runtime.nonfinite(obj)
     if bad:
         raise SoupsError(f"{path} has non-finite values in {', '.join(bad[:3])}")
-
-
-def _tokens(tokenizer: Any, captions: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Caption tokens + EOS, right-padded: (tokens [B, T], mask [B, T])."""
-    rows = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in captions]
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    tokens = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-    return tokens, mask
-
-
-def _start_token(model: Any) -> int:
-    start = getattr(model.config, "decoder_start_token_id", None)
-    if start is None:
-        start = getattr(model.generation_config, "decoder_start_token_id", None)
-    if start is None:
-        raise SoupsError("the captioner's config has no decoder_start_token_id")
-    return int(start)
-
-
-def _resolve(cfg: Any) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)  # type: ignore[return-value]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Cross-entropy stage
-# ----------------------------------------------------------------------------------------------------------
-
-
-def xe_train(captioner: CaptionModel, task: CaptionTask, cfg: Mapping[str, Any], *, seed: int, device: torch.device,
-             progress: bool, metrics_path: Path | None = None) -> list[float]:  # fmt: skip
-    """Teacher-forced cross-entropy on every (image, reference) pair of the training split; returns the losses.
-
-    Args:
-        captioner: The model to train (in place), with its tokenizer and processor.
-        task: The data.
-        cfg: The `xe` node: steps, batch_size, lr, weight_decay, max_grad_norm.
-        seed: Seeds the batch order.
-        device: Where to train.
-        progress: Draw a bar.
-        metrics_path: Append one row per step there.
-    """
-    model, tok = captioner.model, captioner.tokenizer
-    pairs = [(i, r) for i, s in enumerate(task.train) for r in s["refs"]]
-    images = load_images(task.train) if all("image" in s for s in task.train) else None
-    start = _start_token(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=float(cfg.get("weight_decay", 0.0)))
-    steps, bsz = int(cfg["steps"]), int(cfg["batch_size"])
-    losses = []
-    model.train()
-    for step in runtime.progress(0, steps, desc="xe", enabled=progress):
-        t0 = time.perf_counter()
-        picks = step_images(seed, step, len(pairs), bsz)
-        batch_imgs = [images[pairs[i][0]] for i in picks] if images is not None else load_images(
-            [task.train[pairs[i][0]] for i in picks])  # fmt: skip
-        tokens, mask = _tokens(tok, [pairs[i][1] for i in picks], device)
-        logp, _ = caption_logprobs(model, captioner.pixels(batch_imgs, device), tokens, start)
-        loss = -(logp * mask).sum() / mask.sum()
-        if not torch.isfinite(loss):
-            raise SoupsError(f"xe step {step + 1}: the loss is {loss.item()}; lower xe.lr={cfg['lr']}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if float(cfg.get("max_grad_norm", 0)) > 0:
-            torch.nn.utils.clip_grad_norm_(params, float(cfg["max_grad_norm"]))
-        opt.step()
-        losses.append(loss.item())
-        if metrics_path is not None:
-            runtime.append_metrics(metrics_path, {"step": step + 1, "xe/loss": losses[-1],
-                                                  "time/step_s": time.perf_counter() - t0})  # fmt: skip
-    model.eval()
-    return losses
-
-
-def build_captioner(cfg: Mapping[str, Any], *, seed: int, device: torch.device) -> CaptionModel:
-    """`model.name_or_path` (any HF captioner), or a fresh tiny ViT + GPT-2 captioner of the scenes (seeded)."""
-    name = cfg.get("name_or_path")
-    if name:
-        return load_captioner(str(name), device=device)
-    seed_everything(seed)
-    tok = build_scene_tokenizer()
-    shape = model_kwargs(cfg["tiny"])
-    model = build_tiny_captioner(tok, **shape).to(device)
-    return CaptionModel(model, tok, tiny_image_processor(shape["image_size"]))
-
-
-def ensure_xe_init(cfg: DictConfig, *, device: torch.device, progress: bool) -> Path:
-    """The embedded XE init directory (`model.init_dir`), built once (atomically) with this config's `xe`,
-    `task` and `model.tiny` settings; an existing one built with other settings is refused."""
-    settings = {"xe": _resolve(cfg.xe), "task": _resolve(cfg.task), "tiny": _resolve(cfg.model.tiny),
-                "seed": int(cfg.model.init_seed)}  # fmt: skip
-    target = Path(str(cfg.model.init_dir)).absolute()
-    info = target / "xe_info.json"
-    if info.is_file():
-        import json
-
-        built = json.loads(info.read_text()).get("settings")
-        if built != settings:
-            raise SoupsError(f"the XE init {target} was built with other settings {built}; remove it, or set "
-                             "model.init_dir to another directory")
-        return target
-    task = build_caption_task(cfg.task)
-    captioner = build_captioner({"name_or_path": None, "tiny": settings["tiny"]}, seed=settings["seed"],
-                                device=device)  # fmt: skip
-    losses = xe_train(captioner, task, settings["xe"], seed=settings["seed"], device=device, progress=progress)
-    try:
-        with atomic_dir(target) as tmp:
-            captioner.save(tmp)
-            write_json(tmp / "xe_info.json", {"settings": settings, "final_loss": losses[-1],
-                                              "loss_curve": losses[:: max(1, len(losses) // 50)]})  # fmt: skip
-    except SoupsError:
-        if not info.is_file():  # another run finished the same build first: that one is as good
-            raise
-    return target
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -360,7 +229,7 @@ def train(cfg: DictConfig) -> Path:
             print(f"resume=true but no valid checkpoint under {ckpt_root}: starting from step 0")
     runtime.truncate_metrics(metrics_path, start_step)
     train_images = load_images(task.train) if all("image" in s for s in task.train) else None
-    start = _start_token(captioner.model)
+    start = start_token(captioner.model)
     eos = int(captioner.tokenizer.eos_token_id)
     k, bsz, total = int(sc.samples), int(sc.batch_size), int(sc.steps)
     gen = {"max_new_tokens": int(sc.max_new_tokens), "pad_token_id": captioner.tokenizer.pad_token_id,

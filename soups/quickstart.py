@@ -98,10 +98,11 @@ def pareto_overrides(
 def mix_overrides(cfg: DictConfig, experts: Sequence[Path]) -> list[str]:
     """`python -m soups.mix` overrides writing one soup of the experts as a merged HF checkpoint."""
     out = Path(cfg.output_dir).absolute()
-    sub = recipe_of(cfg).expert_subdir
+    recipe = recipe_of(cfg)
+    sub = recipe.expert_subdir
     return [f"experts={hydra_list([str(p / sub) for p in experts])}",
             f"weights={hydra_list([float(w) for w in cfg.mix.weights])}", f"output={out / 'soup'}", "overwrite=true",
-            "lora_output=merged", "progress=false"]  # fmt: skip
+            *recipe.mix_overrides, "progress=false"]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -66,6 +66,8 @@ class Recipe:
         init_label: How the init stage is announced.
         expert_subdir: Where a training run's directory keeps the expert that the front and the soup mix.
         done_file: A file of `expert_subdir` whose presence marks a finished training run.
+        mix_overrides: Extra `python -m soups.mix` overrides of the soup stage (adapters: written merged; full
+            checkpoints need none, and soups.mix refuses LoRA options for them).
     """
 
     name: str
@@ -76,6 +78,7 @@ class Recipe:
     init_label: str = "shared init"
     expert_subdir: str = "adapter"
     done_file: str = "adapter_config.json"
+    mix_overrides: tuple[str, ...] = ("lora_output=merged",)
 
 
 # The entry points every recipe shares: the front and the soup.
@@ -88,6 +91,7 @@ RECIPES: Registry[Recipe] = Registry("quickstart task")
 
 # task name -> module whose import registers its recipe (imported lazily by `get_recipe`).
 TASK_MODULES: dict[str, str] = {
+    "captioning": "rl.captioning.quickstart",
     "summarisation": "rl.text.quickstart",
 }
 

@@ -276,3 +276,22 @@ def test_captioning_evaluator_scores_every_objective(tmp_path: Path, init_dir: P
                                      dict(enumerate(s["refs"] for s in evaluator.samples)))  # fmt: skip
     assert stats["bleu1"].mean == pytest.approx(direct.scores["bleu1"])
     assert stats["cider"].mean == pytest.approx(direct.scores["cider"])
+
+
+@pytest.mark.slow
+def test_quickstart_captioning_smoke_writes_the_front_and_a_loadable_soup(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from transformers import VisionEncoderDecoderModel
+
+    out = tmp_path / "qs"
+    done = subprocess.run([sys.executable, "-m", "soups.quickstart", "task=captioning", "experiment=smoke",
+                           f"output_dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("front.jsonl", "summary.json", "front.png"):
+        assert (out / "front" / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "front" / "front.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in rows} >= {"expert", "morl", "init"}
+    assert set(rows[0]["objectives"]) == {"bleu1", "bleu4", "rouge", "meteor", "cider"}
+    assert VisionEncoderDecoderModel.from_pretrained(out / "soup") is not None
