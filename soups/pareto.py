@@ -376,6 +376,10 @@ def run_front(cfg: DictConfig) -> Path:
 
         extra = torch.as_tensor(dirichlet_samples(len(experts), cfg.grid.dirichlet, seed=cfg.seed), dtype=torch.float64)
         lambdas = torch.cat([lambdas, extra])
+    if cfg.grid.get("uniform", False):  # the uniform soup 1/N (with n_points=N: the uniform-soup table)
+        uniform = torch.full((1, len(experts)), 1.0 / len(experts), dtype=torch.float64)
+        if not bool(torch.isclose(lambdas, uniform).all(dim=1).any()):
+            lambdas = torch.cat([lambdas, uniform])
     evaluator = build_evaluator(cfg.evaluator, experts=experts, device=device)
     batch_lambdas = int(cfg.grid.batch_lambdas)
     if batch_lambdas < 1:

@@ -357,6 +357,11 @@ def run_quickstart(cfg: DictConfig) -> Path:
         print(f"[{stage}/{n_stages}] soup λ={list(cfg.mix.weights)} as an HF checkpoint -> {soup}", flush=True)
         run_stage("soup", "mix", mix_overrides(cfg, experts), cfg, soup, soup / "config.json")
 
+    # ---- the family's own outputs (figures, tables), from the experts, the front and the soup -------------------
+    if recipe.after_front is not None:
+        print(f"[+] {recipe.name}: the family's own tables and figures", flush=True)
+        recipe.after_front(cfg, out)
+
     # ---- report ------------------------------------------------------------------------------------------------
     print(report(front, [str(r) for r in cfg.experts], time.perf_counter() - t0))
     if cfg.mix.enabled:

@@ -68,6 +68,9 @@ class Recipe:
         done_file: A file of `expert_subdir` whose presence marks a finished training run.
         mix_overrides: Extra `python -m soups.mix` overrides of the soup stage (adapters: written merged; full
             checkpoints need none, and soups.mix refuses LoRA options for them).
+        after_front: `after_front(cfg, output_dir)`, the family's own outputs made from the trained experts once the
+            front and the soup are done (e.g. captioning's uniform-soup table and λ-from-preference figures); None
+            adds nothing.
     """
 
     name: str
@@ -79,6 +82,7 @@ class Recipe:
     expert_subdir: str = "adapter"
     done_file: str = "adapter_config.json"
     mix_overrides: tuple[str, ...] = ("lora_output=merged",)
+    after_front: Callable[[Any, Path], Any] | None = None
 
 
 # The entry points every recipe shares: the front and the soup.

@@ -62,15 +62,23 @@ def train_overrides(cfg: Any, reward: str, output: Path, weights: Sequence[float
     overrides = [f"reward={'morl' if weights is not None else reward}", f"output_dir={output}",
                  f"model.name_or_path={Path(cfg.output_dir).absolute() / INIT_DIR}", f"seed={cfg.seed}",
                  "overwrite=true"]  # fmt: skip
-    if weights is not None:
-        overrides += [f"reward.objectives={hydra_list([str(e) for e in cfg.experts])}",
-                      f"reward.weights={hydra_list([float(w) for w in weights])}"]  # fmt: skip
+    if weights is not None:  # objectives of weight 0 are left out: nothing to compute (METEOR is slow)
+        kept = [(str(e), float(w)) for e, w in zip(cfg.experts, weights) if float(w) > 0]
+        overrides += [f"reward.objectives={hydra_list([e for e, _ in kept])}",
+                      f"reward.weights={hydra_list([w for _, w in kept])}"]  # fmt: skip
     return overrides + [str(o) for o in cfg.train]
+
+
+def after_front(cfg: Any, out: Path) -> Any:
+    """The uniform-soup table, HV RS vs MORL on the BLEU1–ROUGE-L pair, Fig. 6.4(a)/(b) (`rl.captioning.figures`)."""
+    from rl.captioning.figures import after_front as run
+
+    return run(cfg, out)
 
 
 RECIPES.add(
     "captioning",
     Recipe(name="captioning", trainer=TRAIN_CAPTIONING, build_init=build_init, train_overrides=train_overrides,
            init_dir=INIT_DIR, init_label="shared XE init (tiny ViT + GPT-2 captioner)", expert_subdir="model",
-           done_file="train_summary.json", mix_overrides=()),
+           done_file="train_summary.json", mix_overrides=(), after_front=after_front),
 )  # fmt: skip

@@ -295,3 +295,9 @@ def test_quickstart_captioning_smoke_writes_the_front_and_a_loadable_soup(tmp_pa
     assert {r["kind"] for r in rows} >= {"expert", "morl", "init"}
     assert set(rows[0]["objectives"]) == {"bleu1", "bleu4", "rouge", "meteor", "cider"}
     assert VisionEncoderDecoderModel.from_pretrained(out / "soup") is not None
+    for name in ("uniform_soup.md", "fig6_4a_lambda_vs_mu.png", "fig6_4b_metrics_vs_lambda.png",
+                 "captioning_summary.json"):  # fmt: skip
+        assert (out / "captioning" / name).is_file(), name
+    summary = json.loads((out / "captioning" / "captioning_summary.json").read_text())
+    assert set(summary["uniform"]["soup_beats_init"]) == {"bleu1", "bleu4", "rouge", "meteor", "cider"}
+    assert len(summary["fig_6_4a"]["lambda_val"]) == 11 and "rs" in summary["hypervolume_test"]
