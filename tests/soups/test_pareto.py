@@ -359,3 +359,21 @@ def test_plot_front_pairwise_panels(tmp_path: Path) -> None:
     assert width > 2 * height  # 3 pairwise panels side by side
     with pytest.raises(SoupsError, match=r"trajectory run has shape \(2, 2\), expected \[T, 3\]"):
         plot_front(rows, list("xyz"), tmp_path / "g.png", trajectories={"run": np.zeros((2, 2))})
+
+
+def test_front_uniform_soup_point_added_once(tmp_path: Path) -> None:
+    """grid.uniform=true adds λ = 1/N (with n_points = N: the experts and their uniform soup only), never twice."""
+    paths = [_tiny_gpt2(tmp_path / f"e{i}", seed=i) for i in range(3)]
+    out = tmp_path / "front"
+    cfg = _compose([f"experts=[{paths[0]},{paths[1]},{paths[2]}]", "evaluator.name=test_distance", "grid.n_points=3",
+                    "grid.uniform=true", f"output={out}", "device=cpu", "eum_divisions=2"])  # fmt: skip
+    run_front(cfg)
+    rows = [json.loads(line) for line in (out / "front.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows].count("expert") == 3
+    (soup,) = [r for r in rows if r["kind"] == "soup"]
+    assert soup["lambda"] == pytest.approx([1 / 3] * 3)
+    two = tmp_path / "two"
+    run_front(_compose([f"experts=[{paths[0]},{paths[1]}]", "evaluator.name=test_distance", "grid.n_points=3",
+                        "grid.uniform=true", f"output={two}", "device=cpu", "eum_divisions=2"]))  # fmt: skip
+    lambdas = [json.loads(line)["lambda"] for line in (two / "front.jsonl").read_text().splitlines()]
+    assert lambdas.count([0.5, 0.5]) == 1  # the grid already holds it
