@@ -68,8 +68,8 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:
     choice("stage", cfg["stage"], ("xe", "scst"))
     num("seed", cfg["seed"], low=0, integer=True)
     xe, sc, ck = cfg["xe"], cfg["scst"], cfg["checkpoint"]
-    for key in ("steps", "batch_size"):
-        num(f"xe.{key}", xe[key], low=1, integer=True)
+    num("xe.steps", xe["steps"], low=0, integer=True)  # 0: save the init unchanged (a Hub captioner re-saved)
+    num("xe.batch_size", xe["batch_size"], low=1, integer=True)
     num("xe.lr", xe["lr"], low=0, low_open=True)
     num("scst.steps", sc["steps"], low=0, integer=True)
     for key in ("batch_size", "samples", "max_new_tokens"):
@@ -194,8 +194,9 @@ def train(cfg: DictConfig) -> Path:
         with atomic_dir(final_dir, overwrite=True) as tmp:
             captioner.save(tmp)
             save_resolved_config(cfg, tmp)
-            write_json(tmp / "train_summary.json", {"stage": "xe", "steps": len(losses), "final_loss": losses[-1]})
-        print(f"xe init: {final_dir} (final loss {losses[-1]:.3f})")
+            write_json(tmp / "train_summary.json", {"stage": "xe", "steps": len(losses),
+                                                    "final_loss": losses[-1] if losses else None})  # fmt: skip
+        print(f"xe init: {final_dir}" + (f" (final loss {losses[-1]:.3f})" if losses else " (saved unchanged)"))
         return final_dir
 
     # ---- SCST set-up: task, rewards (a bad reward or missing java fails before any init is built), init, ------

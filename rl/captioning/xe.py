@@ -145,7 +145,7 @@ def ensure_xe_init(cfg: DictConfig, *, device: torch.device, progress: bool) -> 
     try:
         with atomic_dir(target) as tmp:
             captioner.save(tmp)
-            write_json(tmp / "xe_info.json", {"settings": settings, "final_loss": losses[-1],
+            write_json(tmp / "xe_info.json", {"settings": settings, "final_loss": losses[-1] if losses else None,
                                               "loss_curve": losses[:: max(1, len(losses) // 50)]})  # fmt: skip
     except SoupsError:
         if not info.is_file():  # another run finished the same build first: that one is as good
