@@ -30,7 +30,6 @@ from soups.cli import entry, precheck
 precheck(__name__, __file__, "../configs/train_captioning")  # a bad command line fails here, before torch
 
 import copy
-import pickle
 import sys
 import time
 import warnings
@@ -84,19 +83,6 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:
         num(f"{node}.max_grad_norm", cfg[node]["max_grad_norm"], low=0)
     num("checkpoint.every", ck["every"], low=0, integer=True)
     num("checkpoint.keep", ck["keep"], low=0, integer=True)
-
-
-def check_torch_file(path: Path) -> None:
-    """Validates a checkpoint's torch file (optimizer, RNG): it loads and its tensors are finite."""
-    if path.suffix != ".pt":
-        return
-    try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
-        raise SoupsError(f"{path} does not load: {' '.join(str(err).split())[:200]}") from err
-    bad = runtime.nonfinite(obj)
-    if bad:
-        raise SoupsError(f"{path} has non-finite values in {', '.join(bad[:3])}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,6 +157,11 @@ def train(cfg: DictConfig) -> Path:
     """Runs the configured stage and returns the final model directory (`output_dir/model`)."""
     # ---- set-up: config, output dir, seed -------------------------------------------------------------------
     validate_config(cfg)
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process: several would write the same outputs
+        raise SoupsError(f"rl/train_captioning.py trains in one process; WORLD_SIZE={os.environ['WORLD_SIZE']}: "
+                         "launch it with `accelerate launch --num_processes 1` (or plain python)")
     out = Path(cfg.output_dir).absolute()
     ckpt_root, final_dir, metrics_path = out / "checkpoints", out / "model", out / "metrics.jsonl"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -216,7 +207,7 @@ def train(cfg: DictConfig) -> Path:
     optimizer = torch.optim.AdamW(params, lr=float(sc.lr), weight_decay=float(sc.get("weight_decay", 0.0)))
     start_step = 0
     if cfg.resume:
-        good, broken = runtime.newest_valid_checkpoint(ckpt_root, check_torch_file)
+        good, broken = runtime.newest_valid_checkpoint(ckpt_root, runtime.check_torch_file)
         for path, why in broken:
             moved = runtime.set_aside(path)
             warnings.warn(f"checkpoint {path} is broken ({why}); set aside as {moved.name}", RuntimeWarning,
