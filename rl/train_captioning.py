@@ -30,6 +30,7 @@ from soups.cli import entry, precheck
 precheck(__name__, __file__, "../configs/train_captioning")  # a bad command line fails here, before torch
 
 import copy
+import os
 import sys
 import time
 import warnings
@@ -157,8 +158,6 @@ def train(cfg: DictConfig) -> Path:
     """Runs the configured stage and returns the final model directory (`output_dir/model`)."""
     # ---- set-up: config, output dir, seed -------------------------------------------------------------------
     validate_config(cfg)
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process: several would write the same outputs
         raise SoupsError(f"rl/train_captioning.py trains in one process; WORLD_SIZE={os.environ['WORLD_SIZE']}: "
                          "launch it with `accelerate launch --num_processes 1` (or plain python)")
