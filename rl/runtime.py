@@ -144,6 +144,28 @@ def named_arrays(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix.rstrip("."), obj
 
 
+def check_torch_file(path: Path) -> None:
+    """Validates a checkpoint's torch file (optimizer, scheduler, RNG states): it loads with `weights_only=True`
+    and its tensors are finite. Other files pass; for `newest_valid_checkpoint(root, check_torch_file)`.
+
+    Raises:
+        SoupsError: the file does not load, or holds a NaN/inf.
+    """
+    if path.suffix != ".pt":
+        return
+    import pickle
+
+    import torch  # torch trainers only: the jax trainers never write .pt files
+
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        raise SoupsError(f"{path} does not load: {' '.join(str(err).split())[:200]}") from err
+    bad = nonfinite(obj)
+    if bad:
+        raise SoupsError(f"{path} has non-finite values in {', '.join(bad[:3])}")
+
+
 def nonfinite(arrays: Mapping[str, Any] | Any) -> list[str]:
     """Names of the floating arrays (numpy or torch, nested anywhere in `arrays`) that hold a NaN or an inf."""
     bad = []

@@ -27,7 +27,6 @@ from soups.cli import entry, precheck
 
 precheck(__name__, __file__, "../configs/train_ppo")  # a bad command line fails here, before the heavy imports
 
-import pickle
 import shutil
 import sys
 import time
@@ -225,19 +224,6 @@ def nonfinite_training_state(model: ActorCritic, optimizer: Any) -> list[str]:
     return runtime.nonfinite({"weights": weights, "optimizer": optimizer.state_dict()["state"]})
 
 
-def check_torch_file(path: Path) -> None:
-    """Validates a checkpoint's torch file (optimizer, scheduler, RNG): it loads and its tensors are finite."""
-    if path.suffix != ".pt":
-        return
-    try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
-        raise SoupsError(f"{path} does not load: {' '.join(str(err).split())[:200]}") from err
-    bad = runtime.nonfinite(obj)
-    if bad:
-        raise SoupsError(f"{path} has non-finite values in {', '.join(bad[:3])}")
-
-
 def save_checkpoint(
     root: Path, step: int, *, accelerator: Any, model: ActorCritic, tokenizer: Any, optimizer: Any, scheduler: Any,
     state: dict[str, Any], cfg: DictConfig,
@@ -301,7 +287,7 @@ def load_checkpoint(
 
 def find_resume_checkpoint(root: Path, accelerator: Any) -> Path | None:
     """The newest valid checkpoint under `root`; newer broken ones are named in a warning and set aside."""
-    good, broken = runtime.newest_valid_checkpoint(root, check_torch_file)
+    good, broken = runtime.newest_valid_checkpoint(root, runtime.check_torch_file)
     accelerator.wait_for_everyone()  # every process validated the same files before any is renamed
     if accelerator.is_main_process:
         for path, why in broken:

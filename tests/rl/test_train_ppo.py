@@ -369,7 +369,7 @@ def test_resume_skips_a_broken_newest_checkpoint(three_steps, tiny_model: Path, 
     broken = out / "checkpoints" / "step-000003"
     damage(broken)
     with pytest.raises(SoupsError, match=why):
-        runtime.validate_checkpoint(broken, train_ppo.check_torch_file)
+        runtime.validate_checkpoint(broken, runtime.check_torch_file)
     with pytest.warns(RuntimeWarning, match=rf"checkpoint {broken} is broken \(.*{why}.*\); set aside as broken-"
                                             rf"step-000003, resuming from {out / 'checkpoints' / 'step-000002'}"):
         final = train_ppo.train(make_cfg(tiny_model, out, "ppo.steps=3", "checkpoint.keep=0", "resume=true"),
@@ -380,7 +380,7 @@ def test_resume_skips_a_broken_newest_checkpoint(three_steps, tiny_model: Path, 
     assert all(torch.equal(resumed[k], v) for k, v in _adapter(base / "adapter").items())
     # The broken one is kept aside for inspection; a valid step 3 replaced it.
     assert (out / "checkpoints" / "broken-step-000003").is_dir()
-    runtime.validate_checkpoint(out / "checkpoints" / "step-000003", train_ppo.check_torch_file)
+    runtime.validate_checkpoint(out / "checkpoints" / "step-000003", runtime.check_torch_file)
 
 
 def test_diverging_run_stops_and_saves_nothing_non_finite(tiny_model: Path, tmp_path: Path) -> None:
@@ -396,7 +396,7 @@ def test_diverging_run_stops_and_saves_nothing_non_finite(tiny_model: Path, tmp_
         train_ppo.train(cfg, reward_set=rewards(), task=Task())
     saved = sorted((out / "checkpoints").iterdir())
     assert [p.name for p in saved] == ["step-000001"] and not (out / "adapter").exists()
-    runtime.validate_checkpoint(saved[0], train_ppo.check_torch_file)  # complete and finite, optimizer included
+    runtime.validate_checkpoint(saved[0], runtime.check_torch_file)  # complete and finite, optimizer included
 
 
 @pytest.mark.parametrize("override, message", [
