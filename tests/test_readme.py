@@ -44,8 +44,10 @@ def _anchors(path: Path) -> set[str]:
 
 def test_github_slug_hand_worked() -> None:
     assert github_slug("Benchmark table (M = 4, RotatedDigits, CPU)") == "benchmark-table-m--4-rotateddigits-cpu"
-    assert github_slug("λ switch: resident Soup vs rebuilding from disk") == "λ-switch-resident-soup-vs-rebuilding-from-disk"
-    assert github_slug("Training RLHF experts: LoRA PPO (`rl/train_ppo.py`)") == "training-rlhf-experts-lora-ppo-rltrain_ppopy"
+    slug = github_slug("λ switch: resident Soup vs rebuilding from disk")
+    assert slug == "λ-switch-resident-soup-vs-rebuilding-from-disk"
+    slug = github_slug("Training RLHF experts: LoRA PPO (`rl/train_ppo.py`)")
+    assert slug == "training-rlhf-experts-lora-ppo-rltrain_ppopy"
 
 
 def test_the_two_newcomer_commands() -> None:
