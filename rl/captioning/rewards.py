@@ -41,11 +41,12 @@ class _MetricBatch:
 
     def __init__(self, scorer: CaptionScorer) -> None:
         self.scorer = scorer
-        self._key: tuple[int, int] | None = None
+        self._key: tuple[Any, ...] | None = None
         self._scores: dict[str, Any] = {}
 
     def column(self, metric: str, samples: Sequence[Mapping[str, Any]], responses: Sequence[str]) -> torch.Tensor:
-        key = (id(samples), id(responses))
+        # by content, not identity: a freed batch's id can be reused by the next one
+        key = (tuple(responses), tuple(tuple(s["refs"]) for s in samples))
         if key != self._key:
             self._scores = self.scorer.scores(list(responses), [s["refs"] for s in samples])
             self._key = key
