@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from soups.pareto_registry import check_experts
+from soups.pareto_registry import check_experts, checkpoint_kind, checkpoint_loader
 from soups.utils import SoupsError
 
 __all__ = ["grid_divisions", "load_base_model", "open_soup", "check_device_and_dtype"]
@@ -78,6 +78,11 @@ def open_soup(
     from soups.soup import Soup
 
     info = check_experts(paths)
+    kind = checkpoint_kind(paths[0])
+    if kind is not None:  # a family's own model (e.g. a Brax policy): its loader builds the resident module
+        model = checkpoint_loader(kind).build_resident_model(paths[0])
+        return Soup.from_checkpoints(list(paths), model=model, device=device, dtype=dtype, progress=False,
+                                     allow_extrapolation=allow_extrapolation)  # fmt: skip
     if info["kind"] == "peft":
         base = base_model or info["base"]
         if base is None:

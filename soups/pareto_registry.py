@@ -87,10 +87,43 @@ EVALUATORS: Registry[EvaluatorBuilder] = Registry("evaluator")
 
 # name -> module whose import registers it (imported lazily by `build_evaluator`).
 EVALUATOR_MODULES: dict[str, str] = {
+    "brax": "rl.locomotion.evaluator",
     "captioning": "rl.captioning.evaluator",
     "text": "rl.text.evaluator",
     "vision_domains": "vision.pareto_eval",
 }
+
+
+# Checkpoint kinds whose resident model is not a transformers model: a directory holding the kind's marker file
+# is that kind, and its family's module (imported lazily, like the evaluators) provides
+# `check_compatible(paths)` (raises, naming both experts, before any weight is read) and
+# `build_resident_model(path) -> torch.nn.Module` (the module a `Soup` mixes in place; its state-dict names are the
+# checkpoint's tensor names). kind -> (marker file, module).
+CHECKPOINT_KINDS: dict[str, tuple[str, str]] = {
+    "brax": ("brax_policy.json", "rl.locomotion.models"),
+}
+
+
+def checkpoint_kind(path: str | Path) -> str | None:
+    """The `CHECKPOINT_KINDS` kind of the checkpoint at `path` (a directory holding its marker file), else None."""
+    path = Path(path)
+    for kind, (marker, _) in CHECKPOINT_KINDS.items():
+        if (path / marker).is_file():
+            return kind
+    return None
+
+
+def checkpoint_loader(kind: str) -> Any:
+    """The module that loads checkpoints of `kind` (see `CHECKPOINT_KINDS`).
+
+    Raises:
+        SoupsError: the module cannot be imported (e.g. its optional extra is missing).
+    """
+    module = CHECKPOINT_KINDS[kind][1]
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise SoupsError(f"{kind} checkpoints need module {module} which failed: {err}") from err
 
 
 def build_evaluator(cfg: Mapping[str, Any], *, experts: Sequence[str], device: torch.device) -> Evaluator:
@@ -166,6 +199,13 @@ def check_experts(paths: Sequence[str]) -> dict[str, Any]:
 
     if not paths:
         raise SoupsError("no experts given: set experts=[path1,path2,...]")
+    kinds_of = [checkpoint_kind(p) for p in paths]
+    if any(kinds_of):
+        if len(set(kinds_of)) > 1:
+            odd = next(i for i, k in enumerate(kinds_of) if k != kinds_of[0])
+            raise SoupsError(f"experts are of different kinds: {paths[0]} is {kinds_of[0] or 'a transformers model'}, "
+                             f"{paths[odd]} is {kinds_of[odd] or 'a transformers model'}")  # fmt: skip
+        checkpoint_loader(str(kinds_of[0])).check_compatible(list(paths))
     ckpts = [open_checkpoint(p) for p in paths]
     kinds = ["peft" if c.kind == "peft" else "full" for c in ckpts]
     bases: list[str | None] = [None] * len(ckpts)
