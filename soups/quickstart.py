@@ -365,7 +365,7 @@ def run_quickstart(cfg: DictConfig) -> Path:
     # ---- report ------------------------------------------------------------------------------------------------
     print(report(front, [str(r) for r in cfg.experts], time.perf_counter() - t0))
     if cfg.mix.enabled:
-        print(f"soup:    {soup}  (AutoModelForCausalLM.from_pretrained('{soup}'))")
+        print(f"soup:    {soup}  ({recipe.soup_class}.from_pretrained('{soup}'))")
     return front
 
 

@@ -71,6 +71,7 @@ class Recipe:
         after_front: `after_front(cfg, output_dir)`, the family's own outputs made from the trained experts once the
             front and the soup are done (e.g. captioning's uniform-soup table and λ-from-preference figures); None
             adds nothing.
+        soup_class: The transformers class that loads the written soup (named in the closing lines).
     """
 
     name: str
@@ -83,6 +84,7 @@ class Recipe:
     done_file: str = "adapter_config.json"
     mix_overrides: tuple[str, ...] = ("lora_output=merged",)
     after_front: Callable[[Any, Path], Any] | None = None
+    soup_class: str = "AutoModelForCausalLM"
 
 
 # The entry points every recipe shares: the front and the soup.
@@ -96,6 +98,7 @@ RECIPES: Registry[Recipe] = Registry("quickstart task")
 # task name -> module whose import registers its recipe (imported lazily by `get_recipe`).
 TASK_MODULES: dict[str, str] = {
     "captioning": "rl.captioning.quickstart",
+    "locomotion": "rl.locomotion.quickstart",
     "summarisation": "rl.text.quickstart",
 }
 

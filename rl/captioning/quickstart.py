@@ -80,5 +80,6 @@ RECIPES.add(
     "captioning",
     Recipe(name="captioning", trainer=TRAIN_CAPTIONING, build_init=build_init, train_overrides=train_overrides,
            init_dir=INIT_DIR, init_label="shared XE init (tiny ViT + GPT-2 captioner)", expert_subdir="model",
-           done_file="train_summary.json", mix_overrides=(), after_front=after_front),
+           done_file="train_summary.json", mix_overrides=(), after_front=after_front,
+           soup_class="VisionEncoderDecoderModel"),
 )  # fmt: skip
