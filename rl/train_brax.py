@@ -177,8 +177,9 @@ def train(cfg: DictConfig) -> Path:
             start_step = int(state["step"])
             runtime.truncate_metrics(metrics_path, start_step)
             print(f"resuming from {found} (step {start_step})")
-    if restore is None and cfg.init is not None:
-        restore, _ = models.load_policy(cfg.init)
+    init_params = models.load_policy(cfg.init)[0] if cfg.init is not None else None
+    if restore is None:
+        restore = init_params
     frozen = cfg.init is not None and cfg.normalizer == "frozen"
     if frozen:
         env = frozen_normalizer_env(env, restore[0])
@@ -242,7 +243,14 @@ def train(cfg: DictConfig) -> Path:
     jax.block_until_ready(params)
     if writer is not None:
         writer.close()
-    models.save_policy(policy_dir, keep(params), meta)
+    final = keep(params)
+    if init_params is not None and not frozen:
+        # normalizer=interpolate: the statistics are the expert's own, but the count (which only sets how fast
+        # later updates move them, never an action) is pinned to the init's, so that experts' integer counts agree
+        # and a Soup can mix them; the true count stays in the checkpoints, which resume reads
+        meta["normalizer"]["count_pinned_to_init"] = True
+        final = (final[0].replace(count=init_params[0].count), final[1], final[2])
+    models.save_policy(policy_dir, final, meta)
     runtime.save_resolved_config(cfg, policy_dir)
     print(f"policy -> {policy_dir} ({time.perf_counter() - t0:.0f}s)")
     return policy_dir
