@@ -61,6 +61,7 @@ CONFIG_FILE_PATTERNS: tuple[str, ...] = (
     "feature_extractor*.json",
     "video_preprocessor_config.json",
     "chat_template.*",
+    "brax_policy.json",  # a Brax policy's meta (rl.locomotion.models): the soup of Brax policies loads as one
 )
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
