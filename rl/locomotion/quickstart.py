@@ -6,7 +6,8 @@
 The shared init is a short `rl/train_brax.py` run on the MORL reward α = 0.5 (`<output_dir>/init/`, its policy in
 `init/policy/`); each expert (`reward=risky`, α = 0; `reward=cautious`, α = 1) and each MORL run continues from it
 with `restore_params` and the init's frozen normaliser, and the front (`evaluator=brax`) and the soup mix their
-`<run>/policy/`. The task's settings are `configs/quickstart/task/locomotion.yaml`.
+`<run>/policy/`; `rollouts/*.html` shows the experts and the soup. The task's settings are
+`configs/quickstart/task/locomotion.yaml`.
 
 Registered in `soups.quickstart_registry.RECIPES`; `TASK_MODULES` names this module. It imports no jax: the
 trainer is imported when the init stage runs.
@@ -73,9 +74,16 @@ def train_overrides(cfg: Any, reward: str, output: Path, weights: Sequence[float
     return overrides + [str(o) for o in cfg.train]
 
 
+def after_front(cfg: Any, out: Path) -> Any:
+    """HTML rollouts of the experts and the λ soup (`rl.locomotion.rollouts`), in `<output_dir>/rollouts/`."""
+    from rl.locomotion.rollouts import quickstart_rollouts
+
+    return quickstart_rollouts(cfg, out)
+
+
 RECIPES.add(
     "locomotion",
     Recipe(name="locomotion", trainer=TRAIN_BRAX, build_init=build_init, train_overrides=train_overrides,
            init_dir=INIT_DIR, init_label="shared init (brax PPO on α = 0.5, short)", expert_subdir="policy",
-           done_file="brax_policy.json", mix_overrides=()),
+           done_file="brax_policy.json", mix_overrides=(), after_front=after_front),
 )  # fmt: skip
