@@ -20,7 +20,8 @@ ALL_TEXT = "\n".join(p.read_text() for p in PAGES)
 ENTRIES = {"rl/train_ppo.py": "train_ppo", "vision/train.py": "vision_train", "vision/sweep.py": "vision_sweep",
            "vision/average.py": "vision_average", "vision/train_ensemble.py": "train_ensemble",
            "soups.mix": "mix", "soups.pareto": "pareto", "soups.quickstart": "quickstart",
-           "soups.serve": "serve"}  # fmt: skip
+           "soups.serve": "serve", "rl/train_captioning.py": "train_captioning",
+           "rl/train_brax.py": "train_brax"}  # fmt: skip
 
 
 def _first_bash_block_after(heading: str) -> list[str]:
@@ -93,7 +94,7 @@ def test_named_scripts_exist() -> None:
 
 
 def test_named_experiment_presets_exist() -> None:
-    found = re.findall(r"(rl/train_ppo\.py|vision/\w+\.py|soups\.\w+)\b[^\n`]*?\bexperiment=(\w+)", ALL_TEXT)
+    found = re.findall(r"(rl/train_\w+\.py|vision/\w+\.py|soups\.\w+)\b[^\n`]*?\bexperiment=(\w+)", ALL_TEXT)
     assert len(found) >= 8
     missing = [(e, n) for e, n in found if e in ENTRIES
                and not (ROOT / "configs" / ENTRIES[e] / "experiment" / f"{n}.yaml").is_file()]  # fmt: skip
