@@ -48,7 +48,7 @@ def build_init(cfg: Any, directory: Path) -> Path:
             train_cfg = compose("config", overrides=overrides)
     finally:
         restore_gh_from_backup(backup)
-    from rl.train_brax import train
+    from rl.locomotion.trainer import train
 
     return train(train_cfg)
 

@@ -31,7 +31,7 @@ def _rows(run: Path) -> list[dict]:
 
 
 def test_init_expert_and_resume(tmp_path):
-    from rl.train_brax import train
+    from rl.locomotion.trainer import train
 
     init = train(_cfg(tmp_path, "init", "reward=morl"))
     assert (init / models.WEIGHTS_FILE).is_file() and models.read_meta(init)["reward"]["env_kwargs"] == {
