@@ -113,6 +113,7 @@ def test_reward_mapping_hand_worked():
         env_reward_kwargs([-1.0])
 
 
+@pytest.mark.slow  # builds and jits a Brax env step: tens of seconds on 2 CPU cores
 def test_env_reward_matches_brax_own_terms():
     """The env built with the mapping pays v − α‖a‖² per step (its own reward, checked against its metrics)."""
     from rl.locomotion.task import make_env
