@@ -1,0 +1,130 @@
+"""Reward-weighted regression (RWR) for text-to-image diffusion: the maths, as small pure functions.
+
+Thesis §6.3.3 and Lee et al. 2023 ("Aligning text-to-image models using human feedback"): generate images with
+the current model, score them, keep the best `keep` fraction for the run's (scalarised) reward, and fine-tune on
+the kept images with the denoising loss, each image weighted by a function of its reward:
+
+    L(θ) = Σ_i w_i ‖ε_i − ε_θ(x_{t_i}, t_i, c_i)‖² / Σ_i w_i
+
+where x_{t_i} = √ᾱ_t x_0 + √(1 − ᾱ_t) ε_i noises the kept latent x_0 at a uniform timestep t_i. The squared norm is
+taken as a mean over the latent's elements (C·H·W), which only rescales the learning rate, and matches diffusers'
+training scripts (`F.mse_loss(..., reduction="mean")`) when every w_i is equal.
+
+Weightings (`rwr.weighting`), over the kept set K (their sum is normalised to 1):
+
+- `uniform`: w_i = 1/|K| — the thesis' setting (drop the lowest half, then plain fine-tuning on the rest);
+- `raw`: w_i ∝ r_i − min_j r_j, the minimum taken over the whole GENERATED set (not only the kept one). Shifting
+  makes the weights ≥ 0 for any reward (MORL's normalised rewards are negative half the time) and invariant to a
+  constant added to the reward; taking the generated set's minimum keeps the weakest kept image's weight > 0
+  whenever it beats the worst generated image. When every generated reward is equal, the weights are uniform.
+- `softmax`: w_i ∝ exp(r_i / T) with temperature T (`rwr.temperature`): T → ∞ is uniform, T → 0 is the arg max.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from evals.errors import SoupsError
+
+__all__ = ["WEIGHTINGS", "effective_sample_size", "keep_count", "rwr_weights", "select_top", "weighted_denoising_loss"]
+
+WEIGHTINGS = ("uniform", "raw", "softmax")
+
+
+def keep_count(n: int, keep: float) -> int:
+    """How many of `n` images the top-`keep` selection keeps: ceil(keep · n), at least 1.
+
+    Ceil, so a fraction never rounds to an empty set and keep=0.5 of an odd n keeps the middle image
+    (0.5 · 5 = 2.5 -> 3); 0.5 of 10,000 is 5,000 as in the thesis.
+
+    Raises:
+        SoupsError: keep not in (0, 1] or n < 1.
+    """
+    if not 0.0 < float(keep) <= 1.0 or not math.isfinite(float(keep)):
+        raise SoupsError(f"rwr.keep={keep!r} must be a fraction in (0, 1]")
+    if int(n) < 1:
+        raise SoupsError(f"rwr: nothing to select from ({n} images)")
+    return max(1, min(int(n), math.ceil(float(keep) * int(n) - 1e-9)))
+
+
+def select_top(scores: torch.Tensor, keep: float) -> torch.Tensor:
+    """Indices of the top-`keep` fraction of `scores`, best first; ties go to the lower index (stable).
+
+    Args:
+        scores: Tensor[N], the scalarised reward of each generated image (finite).
+        keep: Fraction kept, in (0, 1] (see `keep_count`).
+
+    Returns:
+        LongTensor[k] with k = keep_count(N, keep); e.g. scores [0.1, 0.9, 0.5, 0.9], keep 0.5 -> [1, 3].
+    """
+    if scores.ndim != 1:
+        raise SoupsError(f"rwr: scores must be one value per image, got shape {tuple(scores.shape)}")
+    if not bool(torch.isfinite(scores).all()):
+        raise SoupsError("rwr: cannot select on non-finite scores")
+    k = keep_count(scores.shape[0], keep)
+    order = torch.sort(scores.double(), descending=True, stable=True).indices
+    return order[:k]
+
+
+def rwr_weights(kept: torch.Tensor, generated: torch.Tensor, weighting: str, temperature: float = 1.0) -> torch.Tensor:
+    """Per-image weights of the kept images, summing to 1 (see the module docstring for each weighting).
+
+    Args:
+        kept: Tensor[k], the scalarised rewards of the kept images.
+        generated: Tensor[N], the scalarised rewards of every generated image (the kept ones among them); `raw`
+            shifts by its minimum.
+        weighting: One of `WEIGHTINGS`.
+        temperature: The softmax temperature T > 0 (`softmax` only).
+
+    Returns:
+        Tensor[k] float64, ≥ 0, summing to 1. E.g. generated [0, 1, 2, 3], kept [3, 2]: uniform [0.5, 0.5];
+        raw (3 − 0, 2 − 0) / 5 = [0.6, 0.4]; softmax T=1: e^3 / (e^3 + e^2) = 1 / (1 + e^-1) = [0.7311, 0.2689].
+    """
+    if weighting not in WEIGHTINGS:
+        raise SoupsError(f"rwr.weighting={weighting!r} is not valid; valid options: {', '.join(WEIGHTINGS)}")
+    if kept.ndim != 1 or kept.shape[0] < 1:
+        raise SoupsError(f"rwr: the kept rewards must be a non-empty vector, got shape {tuple(kept.shape)}")
+    r = kept.double()
+    if weighting == "uniform":
+        return torch.full_like(r, 1.0 / r.shape[0])
+    if weighting == "raw":
+        shifted = r - generated.double().min()
+        if float(shifted.min()) < 0:
+            raise SoupsError("rwr: the kept rewards must be among the generated ones (a kept reward is below the "
+                             "generated minimum)")  # fmt: skip
+        total = float(shifted.sum())
+        return shifted / total if total > 0 else torch.full_like(r, 1.0 / r.shape[0])
+    if not float(temperature) > 0 or not math.isfinite(float(temperature)):
+        raise SoupsError(f"rwr.temperature={temperature!r} must be a finite number > 0")
+    return torch.softmax(r / float(temperature), dim=0)
+
+
+def effective_sample_size(weights: torch.Tensor) -> float:
+    """Kish's effective sample size (Σ w)² / Σ w² of Tensor[k] weights: k for uniform weights, 1 for one-hot.
+
+    E.g. [0.6, 0.4]: 1 / (0.36 + 0.16) = 1.923.
+    """
+    w = weights.double()
+    return float(w.sum() ** 2 / (w**2).sum())
+
+
+def weighted_denoising_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The reward-weighted denoising loss Σ_i w_i mean(‖target_i − pred_i‖²) / Σ_i w_i.
+
+    Args:
+        pred: Tensor[B, C, H, W], the UNet's prediction ε_θ(x_t, t, c) (or v, with a v-prediction target).
+        target: Tensor[B, C, H, W], what it should predict (the noise ε for ε-prediction).
+        weights: Tensor[B] ≥ 0 with a positive sum, the images' RWR weights (normalised here over the batch).
+
+    Returns:
+        A scalar tensor (differentiable in `pred`), float32 for float32 inputs. E.g. per-image squared errors
+        [1, 3] with weights [3, 1]: (3·1 + 1·3) / 4 = 1.5.
+    """
+    if pred.shape != target.shape or pred.ndim < 2 or weights.shape != (pred.shape[0],):
+        raise SoupsError(f"rwr loss: pred {tuple(pred.shape)}, target {tuple(target.shape)} and weights "
+                         f"{tuple(weights.shape)} do not match")  # fmt: skip
+    per_image = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)  # [B]
+    w = weights.to(per_image.device, per_image.dtype)
+    return (w * per_image).sum() / w.sum()
