@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from soups.front import check_device_and_dtype, grid_divisions, load_base_model, open_soup  # noqa: F401
-from soups.pareto_registry import Evaluator, ObjectiveStat, build_evaluator, check_experts  # noqa: F401
+from soups.pareto_registry import Evaluator, ObjectiveStat, OutputWriter, build_evaluator, check_experts  # noqa: F401
 from soups.utils import SoupsError, atomic_dir, save_resolved_config, seed_everything, write_json
 
 KINDS = ("expert", "soup", "morl", "init", "ensemble")
@@ -388,6 +388,7 @@ def run_front(cfg: DictConfig) -> Path:
         raise SoupsError(f"grid.batch_lambdas={batch_lambdas}: evaluator {cfg.evaluator.name!r} cannot score several "
                          "λ per pass; set grid.batch_lambdas=1")
     objectives = list(evaluator.objectives)
+    writer = evaluator if isinstance(evaluator, OutputWriter) else None  # the task's own files (e.g. images)
     expert_names = [str(n) for n in cfg.expert_names] if cfg.expert_names else [_name_of(p) for p in experts]
     if len(expert_names) != len(experts):
         raise SoupsError(f"expert_names has {len(expert_names)} names for {len(experts)} experts")
@@ -401,12 +402,15 @@ def run_front(cfg: DictConfig) -> Path:
     # ---- extra points: init and MORL runs, each loaded once (before the soup: one model in memory at a time) ----
     extras = [("init", e) for e in _points(cfg, "init")] + [("morl", e) for e in _points(cfg, "morl")]
     rows_local: list[tuple[int, dict[str, Any]]] = []
+    outputs_local: list[tuple[int, Any]] = []  # writer.last_outputs() of each row scored by `evaluate`
     with state.split_between_processes(list(enumerate(extras))) as mine:
         for idx, (kind, entry) in tqdm(mine, desc="init/MORL", disable=bar_disabled(bool(mine) and main)):
             stats = _evaluate_checkpoint(entry["path"], evaluator, base_model=cfg.base_model or info["base"],
                                          device=device, dtype=dtype, seed=cfg.seed)
             rows_local.append((idx, make_row(kind, entry["name"], stats, lam=entry["mu"], seed=cfg.seed,
                                              path=entry["path"])))
+            if writer is not None:
+                outputs_local.append((idx, writer.last_outputs()))
 
     # ---- λ sweep: one resident model, weights switched in place (or K λ per batched forward, LoRA) ------------
     soup = open_soup(experts, base_model=cfg.base_model, device=device, dtype=dtype)
@@ -426,6 +430,8 @@ def run_front(cfg: DictConfig) -> Path:
             else:
                 soup.set_weights(chunk[0][1])
                 stats_list = [evaluator.evaluate(soup.model)]
+                if writer is not None:
+                    outputs_local.append((offset + chunk[0][0], writer.last_outputs()))
             for (idx, lam), stats in zip(chunk, stats_list):
                 vertex = vertex_index(lam)
                 kind, name = ("expert", expert_names[vertex]) if vertex is not None else ("soup", _lambda_name(lam))
@@ -451,9 +457,12 @@ def run_front(cfg: DictConfig) -> Path:
 
     # ---- gather on rank 0 and save ---------------------------------------------------------------------------
     gathered = gather_object(rows_local) if state.num_processes > 1 else rows_local
+    if writer is not None and state.num_processes > 1:
+        outputs_local = gather_object(outputs_local)
     if not state.is_main_process:
         return output
-    rows = [row for _, row in sorted(gathered, key=lambda item: item[0])]
+    ordered = sorted(gathered, key=lambda item: item[0])
+    rows = [row for _, row in ordered]
     summary = summarise(rows, objectives, n_experts=len(experts), normalise=cfg.normalise,
                         reference=cfg.reference, eum_points=cfg.eum_divisions)
     summary.update({"experts": experts, "expert_kind": info["kind"], "base": info["base"],
@@ -463,6 +472,9 @@ def run_front(cfg: DictConfig) -> Path:
         (tmp / "front.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         write_json(tmp / "summary.json", summary)
         plot_front(rows, objectives, tmp / "front.png", trajectories=trajectories, title=cfg.title)
+        if writer is not None:
+            outputs = dict(outputs_local)
+            writer.write_outputs(tmp, rows, [outputs.get(idx) for idx, _ in ordered])
         save_resolved_config(cfg, tmp)
     _print_summary(output, summary)
     return output

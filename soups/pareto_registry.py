@@ -80,6 +80,22 @@ class EnsembleEvaluator(Protocol):
         ...
 
 
+@runtime_checkable
+class OutputWriter(Protocol):
+    """Optional: a task that writes its own files beside `front.jsonl` (e.g. the diffusion family's contact sheet
+    of the images at every λ). `soups.pareto` keeps `last_outputs()` after each `evaluate`, gathers them from every
+    process, and calls `write_outputs` inside the front's atomic output directory before it is published."""
+
+    def last_outputs(self) -> Any:
+        """What the last `evaluate` produced that the files need (small and picklable, e.g. uint8 thumbnails)."""
+        ...
+
+    def write_outputs(self, directory: Path, rows: Sequence[Mapping[str, Any]], outputs: Sequence[Any]) -> None:
+        """Writes the task's files into `directory`; `outputs[i]` is `last_outputs()` of `rows[i]`'s evaluation
+        (None for rows not scored by `evaluate`, e.g. the functional ensemble)."""
+        ...
+
+
 EvaluatorBuilder = Callable[..., Evaluator]
 """`builder(cfg, *, experts: Sequence[str], device: torch.device) -> Evaluator`."""
 
