@@ -105,6 +105,7 @@ EVALUATORS: Registry[EvaluatorBuilder] = Registry("evaluator")
 EVALUATOR_MODULES: dict[str, str] = {
     "brax": "rl.locomotion.evaluator",
     "captioning": "rl.captioning.evaluator",
+    "diffusion": "rl.diffusion.evaluator",
     "text": "rl.text.evaluator",
     "vision_domains": "vision.pareto_eval",
 }
