@@ -1,0 +1,168 @@
+"""The `diffusion` evaluator of `python -m soups.pareto` and its contact sheet.
+
+Fast: common random numbers (the same UNet scored twice gives identical images and scores; another UNet sees the
+same latents), the contact sheet's geometry, prompt-file errors, the images generated as the pipeline itself does
+from the same latents. Slow: the whole front on two tiny experts (`python -m soups.pareto evaluator=diffusion`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from rl.diffusion.evaluator import (  # noqa: E402
+    DiffusionEvaluator,
+    build_prompts,
+    contact_sheet,
+    expert_base,
+    reward_specs,
+    save_contact_sheet,
+)
+from rl.diffusion.rewards import build_reward  # noqa: E402
+from rl.diffusion.task import scene_prompts, vocabulary  # noqa: E402
+from soups.utils import SoupsError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from rl.diffusion.models import build_tiny_pipeline
+
+    path = tmp_path_factory.mktemp("pipe") / "init"
+    build_tiny_pipeline(vocabulary(), seed=0).save_pretrained(path)
+    return path
+
+
+def _evaluator(pipeline_dir: Path, **kwargs) -> tuple[DiffusionEvaluator, torch.nn.Module]:
+    from diffusers import UNet2DConditionModel
+
+    from rl.diffusion.evaluator import load_base_pipeline
+
+    pipe = load_base_pipeline(str(pipeline_dir), device=torch.device("cpu"))
+    unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
+    settings = {"seeds": 2, "steps": 3, "guidance_scale": 3.0, "batch_size": 3, "sheet_columns": 3,
+                "height": 16, "width": 16, "latent_shape": (4, 16, 16)}  # fmt: skip
+    settings.update(kwargs)
+    rewards = {"colourfulness": build_reward("colourfulness", {})}
+    return DiffusionEvaluator(pipe, rewards, scene_prompts(2, 7), **settings), unet
+
+
+def test_common_random_numbers_same_unet_same_images_other_unet_same_noise(pipeline_dir: Path) -> None:
+    evaluator, unet = _evaluator(pipeline_dir)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    first = evaluator.evaluate(unet)
+    images = evaluator.last_images.copy()
+    assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8  # 2 prompts × 2 seeds
+    assert evaluator.evaluate(unet) == first  # bit for bit: the latents are drawn once, DDIM is deterministic
+    assert np.array_equal(evaluator.last_images, images)
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())  # weights untouched
+    assert first["colourfulness"].n == 4 and first["colourfulness"].stderr > 0
+    # another evaluator from the same seed draws the same latents; another seed other ones
+    again, _ = _evaluator(pipeline_dir)
+    assert torch.equal(again.latents, evaluator.latents)
+    assert not torch.equal(_evaluator(pipeline_dir, seed=1)[0].latents, evaluator.latents)
+    # a different UNet (a nudged weight) starts from the same noise: images differ, deterministically
+    other = copy.deepcopy(unet)
+    with torch.no_grad():
+        other.conv_out.bias.add_(0.5)
+    evaluator.evaluate(other)
+    assert not np.array_equal(evaluator.last_images, images)
+
+
+def test_images_are_the_pipelines_own_from_the_same_latents(pipeline_dir: Path) -> None:
+    from diffusers import DiffusionPipeline
+
+    evaluator, unet = _evaluator(pipeline_dir)
+    stats = evaluator.evaluate(unet)
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt=evaluator.image_prompts, latents=evaluator.latents.clone(), num_inference_steps=3,
+               guidance_scale=3.0, height=16, width=16, output_type="pt").images  # fmt: skip
+    expected = (out.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(expected.astype(int) - evaluator.last_images.astype(int)).max() <= 1
+    reference = build_reward("colourfulness", {})(out, evaluator.image_prompts)
+    assert stats["colourfulness"].mean == pytest.approx(float(reference.double().mean()), rel=1e-5)
+
+
+def test_contact_sheet_geometry_and_cells() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(5, 3, 16, 16, 3), dtype=np.uint8)  # 5 λ rows × 3 (prompt, seed) columns
+    sheet = contact_sheet(images, scale=4, pad=2)
+    assert sheet.shape == (5 * (64 + 2) + 2, 3 * (64 + 2) + 2, 3)
+    # cell (r, c) is image (r, c) upscaled 4× (nearest), framed in white
+    r, c = 3, 2
+    top, left = 2 + r * 66, 2 + c * 66
+    assert np.array_equal(sheet[top : top + 64 : 4, left : left + 64 : 4], images[r, c])
+    assert np.array_equal(sheet[top + 3 : top + 64 : 4, left + 1 : left + 64 : 4], images[r, c])
+    assert (sheet[:2] == 255).all() and (sheet[top - 2 : top, left : left + 64] == 255).all()
+    with pytest.raises(SoupsError, match="uint8"):
+        contact_sheet(images.astype(np.float32))
+
+
+def test_contact_sheet_png(tmp_path: Path) -> None:
+    from PIL import Image
+
+    images = np.zeros((4, 2, 16, 16, 3), dtype=np.uint8)
+    save_contact_sheet(tmp_path / "grid.png", images, [f"λ={x:.2f}" for x in (0, 0.33, 0.67, 1)], ["p0", "p1"])
+    width, height = Image.open(tmp_path / "grid.png").size
+    assert height >= 4 * 66 and width >= 2 * 66
+    with pytest.raises(SoupsError, match="3 row labels"):
+        save_contact_sheet(tmp_path / "bad.png", images, ["a", "b", "c"], ["p0", "p1"])
+
+
+def test_write_outputs_sheet_rows_per_point_and_paired_scores(pipeline_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from PIL import Image
+
+    evaluator, unet = _evaluator(pipeline_dir)
+    rows, outputs = [], []
+    for kind, name, lam in [("init", "init", None), ("expert", "a", [1.0, 0.0]), ("soup", "λ=0.50,0.50", [0.5, 0.5]),
+                            ("expert", "b", [0.0, 1.0])]:  # fmt: skip
+        evaluator.evaluate(unet)
+        rows.append({"kind": kind, "name": name, "lambda": lam})
+        outputs.append(evaluator.last_outputs())
+    rows.append({"kind": "ensemble", "name": "e", "lambda": [0.5, 0.5]})
+    outputs.append(None)  # a row not scored by evaluate: left out
+    evaluator.write_outputs(tmp_path, rows, outputs)
+    assert Image.open(tmp_path / "lambda_grid.png").size[1] >= 4 * 66
+    lines = [json.loads(x) for x in (tmp_path / "sample_scores.jsonl").read_text().splitlines()]
+    assert [x["name"] for x in lines] == ["init", "a", "λ=0.50,0.50", "b"]
+    assert len(lines[0]["scores"]["colourfulness"]) == 4 and lines[0]["prompts"] == evaluator.image_prompts
+
+
+def test_prompt_files_missing_or_empty_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(SoupsError, match=r"prompt file .*nope.txt does not exist"):
+        build_prompts(str(tmp_path / "nope.txt"), 4, 0)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    with pytest.raises(SoupsError, match=r"prompt file .*empty.txt is empty"):
+        build_prompts(str(empty), None, 0)
+    two = tmp_path / "two.txt"
+    two.write_text("a red circle on a blue background\na grey square on a white background\n")
+    assert build_prompts(str(two), None, 0) == two.read_text().splitlines()
+    with pytest.raises(SoupsError, match="n_prompts=3 but prompt file"):
+        build_prompts(str(two), 3, 0)
+    # embedded held-out prompts: a pure function of the seed
+    assert build_prompts(None, 5, 2026) == scene_prompts(5, 2026) != scene_prompts(5, 0)
+
+
+def test_rewards_default_to_the_union_of_the_experts_objectives(tmp_path: Path) -> None:
+    for name, objectives in [("a", "[colourfulness]"), ("b", "[fidelity, colourfulness]")]:
+        (tmp_path / name / "expert").mkdir(parents=True)
+        (tmp_path / name / "config.yaml").write_text(f"reward:\n  objectives: {objectives}\n")
+    experts = [str(tmp_path / "a" / "expert"), str(tmp_path / "b" / "expert")]
+    assert reward_specs(None, experts) == [("colourfulness", {}), ("fidelity", {})]
+    assert reward_specs([{"name": "c", "type": "colourfulness"}], experts) == [("c", {"type": "colourfulness"})]
+    with pytest.raises(SoupsError, match="has no training config"):
+        reward_specs(None, [str(tmp_path / "nowhere")])
+    (tmp_path / "a" / "expert" / "soups_expert.json").write_text('{"kind": "diffusers_lora", "base": "../base"}')
+    (tmp_path / "a" / "base").mkdir()
+    assert expert_base(experts[0]) == str((tmp_path / "a" / "base").resolve())
+    with pytest.raises(SoupsError, match="cannot read the expert's description"):
+        expert_base(experts[1])
