@@ -382,6 +382,24 @@ def reward_specs(rewards: Sequence[Any] | None, experts: Sequence[str]) -> list[
     return out
 
 
+def sampler_settings(steps: int | None, guidance_scale: float | None, experts: Sequence[str]) -> dict[str, Any]:
+    """DDIM steps and guidance of the front: as given, else the first expert's training sampler (its config.yaml's
+    `rwr.inference_steps` and `rwr.guidance_scale`, what its RWR images were generated with), else 20 and 1.0."""
+    from rl.text.evaluator import find_training_config
+
+    trained: dict[str, Any] = {}
+    if steps is None or guidance_scale is None:
+        from omegaconf import OmegaConf
+
+        path = find_training_config(experts[0]) if experts else None
+        if path is not None:
+            loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            trained = dict(loaded.get("rwr") or {}) if isinstance(loaded, dict) else {}
+    return {"steps": int(steps if steps is not None else trained.get("inference_steps", 20)),
+            "guidance_scale": float(guidance_scale if guidance_scale is not None
+                                    else trained.get("guidance_scale", 1.0))}  # fmt: skip
+
+
 def load_base_pipeline(name_or_path: str, *, device: torch.device) -> Any:
     """The base pipeline (`rl.diffusion.models.load_pipeline`) with its UNet dropped: the resident model replaces it.
 
@@ -433,11 +451,12 @@ def build_diffusion_evaluator(cfg: Mapping[str, Any], *, experts: Sequence[str],
     height = int(node.get("height") or sample[0] * scale)
     width = int(node.get("width") or sample[1] * scale)
     latent_shape = (int(unet_config["in_channels"]), height // scale, width // scale)
+    sampler = sampler_settings(node.get("steps"), node.get("guidance_scale"), experts)
     rewards = {name: build_reward(name, options, device=device)
                for name, options in reward_specs(node.get("rewards"), experts)}  # fmt: skip
     return DiffusionEvaluator(pipeline, rewards, prompts, latent_shape=latent_shape,
                               seeds=int(node.get("seeds", 2)), seed=int(node.get("seed", 0)),
-                              steps=int(node.get("steps", 20)), guidance_scale=float(node.get("guidance_scale", 5.0)),
+                              steps=int(sampler["steps"]), guidance_scale=float(sampler["guidance_scale"]),
                               height=height, width=width, batch_size=int(node.get("batch_size", 16)),
                               sheet_columns=int(node.get("sheet_columns", 8)),
                               sheet_scale=int(node.get("sheet_scale", 4)), device=device)  # fmt: skip

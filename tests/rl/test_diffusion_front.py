@@ -22,6 +22,7 @@ from rl.diffusion.evaluator import (  # noqa: E402
     contact_sheet,
     expert_base,
     reward_specs,
+    sampler_settings,
     save_contact_sheet,
 )
 from rl.diffusion.rewards import build_reward  # noqa: E402
@@ -158,6 +159,12 @@ def test_rewards_default_to_the_union_of_the_experts_objectives(tmp_path: Path) 
         (tmp_path / name / "config.yaml").write_text(f"reward:\n  objectives: {objectives}\n")
     experts = [str(tmp_path / "a" / "expert"), str(tmp_path / "b" / "expert")]
     assert reward_specs(None, experts) == [("colourfulness", {}), ("fidelity", {})]
+    # the sampler: as given, else the first expert's training sampler, else 20 DDIM steps without guidance
+    assert sampler_settings(None, None, experts) == {"steps": 20, "guidance_scale": 1.0}
+    (tmp_path / "a" / "config.yaml").write_text("reward:\n  objectives: [colourfulness]\nrwr:\n  inference_steps: 7\n"
+                                                "  guidance_scale: 2.5\n")  # fmt: skip
+    assert sampler_settings(None, None, experts) == {"steps": 7, "guidance_scale": 2.5}
+    assert sampler_settings(3, None, experts) == {"steps": 3, "guidance_scale": 2.5}
     assert reward_specs([{"name": "c", "type": "colourfulness"}], experts) == [("c", {"type": "colourfulness"})]
     with pytest.raises(SoupsError, match="has no training config"):
         reward_specs(None, [str(tmp_path / "nowhere")])
