@@ -351,11 +351,12 @@ def run_quickstart(cfg: DictConfig) -> Path:
     soup = out / "soup"
     if not cfg.mix.enabled:
         print(f"[{stage}/{n_stages}] soup checkpoint: skipped (mix.enabled=false)", flush=True)
-    elif (soup / "config.json").is_file():
+    elif (soup / recipe.soup_done_file).is_file():
         print(f"[{stage}/{n_stages}] soup checkpoint: done, reusing {soup}", flush=True)
     else:
-        print(f"[{stage}/{n_stages}] soup λ={list(cfg.mix.weights)} as an HF checkpoint -> {soup}", flush=True)
-        run_stage("soup", "mix", mix_overrides(cfg, experts), cfg, soup, soup / "config.json")
+        print(f"[{stage}/{n_stages}] soup λ={list(cfg.mix.weights)} as a {recipe.soup_class} checkpoint -> {soup}",
+              flush=True)  # fmt: skip
+        run_stage("soup", "mix", mix_overrides(cfg, experts), cfg, soup, soup / recipe.soup_done_file)
 
     # ---- the family's own outputs (figures, tables), from the experts, the front and the soup -------------------
     if recipe.after_front is not None:

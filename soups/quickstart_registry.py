@@ -71,7 +71,10 @@ class Recipe:
         after_front: `after_front(cfg, output_dir)`, the family's own outputs made from the trained experts once the
             front and the soup are done (e.g. captioning's uniform-soup table and λ-from-preference figures); None
             adds nothing.
-        soup_class: The transformers class that loads the written soup (named in the closing lines).
+        soup_class: The class that loads the written soup (named in the closing lines), e.g. a transformers class or
+            diffusers' `DiffusionPipeline`.
+        soup_done_file: The file whose presence in `soup/` marks the soup stage done (`model_index.json` for a
+            diffusers pipeline).
     """
 
     name: str
@@ -85,6 +88,7 @@ class Recipe:
     mix_overrides: tuple[str, ...] = ("lora_output=merged",)
     after_front: Callable[[Any, Path], Any] | None = None
     soup_class: str = "AutoModelForCausalLM"
+    soup_done_file: str = "config.json"
 
 
 # The entry points every recipe shares: the front and the soup.
