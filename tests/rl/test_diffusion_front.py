@@ -19,13 +19,12 @@ pytest.importorskip("diffusers")
 from rl.diffusion.evaluator import (  # noqa: E402
     DiffusionEvaluator,
     build_prompts,
-    contact_sheet,
     expert_base,
     reward_specs,
     sampler_settings,
-    save_contact_sheet,
 )
 from rl.diffusion.rewards import build_reward  # noqa: E402
+from rl.diffusion.sheet import contact_sheet, save_contact_sheet  # noqa: E402
 from rl.diffusion.task import scene_prompts, vocabulary  # noqa: E402
 from soups.utils import SoupsError  # noqa: E402
 
