@@ -102,6 +102,7 @@ RECIPES: Registry[Recipe] = Registry("quickstart task")
 # task name -> module whose import registers its recipe (imported lazily by `get_recipe`).
 TASK_MODULES: dict[str, str] = {
     "captioning": "rl.captioning.quickstart",
+    "diffusion": "rl.diffusion.quickstart",
     "locomotion": "rl.locomotion.quickstart",
     "summarisation": "rl.text.quickstart",
 }

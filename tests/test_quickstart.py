@@ -77,12 +77,12 @@ def test_experts_train_on_responses_as_long_as_the_front_evaluates(tmp_path: Pat
 def test_task_recipes_by_name_and_unknown_ones_listed(tmp_path: Path) -> None:
     recipe = get_recipe("summarisation")
     assert (recipe.trainer.config, recipe.trainer.module, recipe.init_dir) == ("train_ppo", "rl.train_ppo", "sft")
-    with pytest.raises(SoupsError, match="unknown quickstart task 'nope'; valid tasks: captioning, locomotion, summarisation"):
+    with pytest.raises(SoupsError, match="unknown quickstart task 'nope'; valid tasks: captioning, diffusion, locomotion, summarisation"):
         get_recipe("nope")
     cfg = _cfg(tmp_path)
     assert cfg.task == "summarisation"  # the default task
     cfg.task = "nope"
-    with pytest.raises(SoupsError, match="valid tasks: captioning, locomotion, summarisation"):
+    with pytest.raises(SoupsError, match="valid tasks: captioning, diffusion, locomotion, summarisation"):
         run_quickstart(cfg)
     assert not (tmp_path / "qs").exists()  # refused before anything is written
 
