@@ -172,3 +172,23 @@ def test_rewards_default_to_the_union_of_the_experts_objectives(tmp_path: Path) 
     assert expert_base(experts[0]) == str((tmp_path / "a" / "base").resolve())
     with pytest.raises(SoupsError, match="cannot read the expert's description"):
         expert_base(experts[1])
+
+
+def test_paired_conflict_hand_worked(tmp_path: Path) -> None:
+    import json
+
+    from rl.diffusion.quickstart import paired_conflict
+
+    rows = [
+        {"kind": "init", "name": "init", "scores": {"colourfulness": [0, 0, 0], "fidelity": [0, 0, 0]}},
+        {"kind": "expert", "name": "colourfulness",
+         "scores": {"colourfulness": [3, 5, 4], "fidelity": [0.1, 0.2, 0.3]}},
+        {"kind": "expert", "name": "fidelity", "scores": {"colourfulness": [1, 4, 4], "fidelity": [0.5, 0.4, 0.3]}},
+    ]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    checks = {c["expert"]: c for c in paired_conflict(tmp_path / "s.jsonl", ["colourfulness", "fidelity"])}
+    c = checks["colourfulness"]  # differences 2, 1, 0: mean 1, std 1
+    assert c["margin"] == pytest.approx(1.0) and c["paired_stderr"] == pytest.approx(1 / 3**0.5)
+    assert c["unpaired_stderr"] == pytest.approx((1 / 3 + 3 / 3) ** 0.5) and c["ok_paired"] and c["n"] == 3
+    f = checks["fidelity"]  # differences 0.4, 0.2, 0.0: mean 0.2, std 0.2
+    assert f["margin"] == pytest.approx(0.2) and f["paired_stderr"] == pytest.approx(0.2 / 3**0.5) and f["ok_paired"]
