@@ -115,9 +115,14 @@ EVALUATOR_MODULES: dict[str, str] = {
 # is that kind, and its family's module (imported lazily, like the evaluators) provides
 # `check_compatible(paths)` (raises, naming both experts, before any weight is read) and
 # `build_resident_model(path) -> torch.nn.Module` (the module a `Soup` mixes in place; its state-dict names are the
-# checkpoint's tensor names). kind -> (marker file, module).
+# checkpoint's tensor names). A kind whose experts are not one state dict of that module each (diffusers LoRA
+# experts, UNets inside pipeline dirs) also provides `open_soup(paths, *, base_model, device, dtype,
+# allow_extrapolation) -> Soup`, and its `check_compatible` then returns `check_experts`' answer {"kind", "base"}.
+# kind -> (marker file, module).
 CHECKPOINT_KINDS: dict[str, tuple[str, str]] = {
     "brax": ("brax_policy.json", "rl.locomotion.models"),
+    "diffusers": ("soups_expert.json", "soups.diffusers_lora"),  # LoRA or full-UNet experts of a diffusers pipeline
+    "diffusers_pipeline": ("model_index.json", "soups.diffusers_lora"),  # a pipeline dir: its UNet (e.g. the init)
 }
 
 
@@ -222,7 +227,10 @@ def check_experts(paths: Sequence[str]) -> dict[str, Any]:
             odd = next(i for i, k in enumerate(kinds_of) if k != kinds_of[0])
             raise SoupsError(f"experts are of different kinds: {paths[0]} is {kinds_of[0] or 'a transformers model'}, "
                              f"{paths[odd]} is {kinds_of[odd] or 'a transformers model'}")  # fmt: skip
-        checkpoint_loader(str(kinds_of[0])).check_compatible(list(paths))
+        loader = checkpoint_loader(str(kinds_of[0]))
+        result = loader.check_compatible(list(paths))
+        if hasattr(loader, "open_soup"):  # the kind reads its own experts (see CHECKPOINT_KINDS)
+            return dict(result)
     ckpts = [open_checkpoint(p) for p in paths]
     kinds = ["peft" if c.kind == "peft" else "full" for c in ckpts]
     bases: list[str | None] = [None] * len(ckpts)
