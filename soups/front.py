@@ -80,7 +80,11 @@ def open_soup(
     info = check_experts(paths)
     kind = checkpoint_kind(paths[0])
     if kind is not None:  # a family's own model (e.g. a Brax policy): its loader builds the resident module
-        model = checkpoint_loader(kind).build_resident_model(paths[0])
+        loader = checkpoint_loader(kind)
+        if hasattr(loader, "open_soup"):  # experts that are not one state dict each (diffusers LoRA, pipelines)
+            return loader.open_soup(list(paths), base_model=base_model, device=device, dtype=dtype,
+                                    allow_extrapolation=allow_extrapolation)  # fmt: skip
+        model = loader.build_resident_model(paths[0])
         return Soup.from_checkpoints(list(paths), model=model, device=device, dtype=dtype, progress=False,
                                      allow_extrapolation=allow_extrapolation)  # fmt: skip
     if info["kind"] == "peft":

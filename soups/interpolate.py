@@ -132,7 +132,8 @@ def lora_factor_message(path: object, key: str, style: str) -> str:
         f"expert {path} holds LoRA factors, not full weights ({style} naming, e.g. tensor {key!r}); mixing A and B "
         "factors linearly gives (Σλ_i B_i)(Σλ_i A_i), which is not the mix Σλ_i B_i A_i. Mix LoRA experts as PEFT "
         "adapter directories (adapter_config.json + adapter_model.safetensors; soups.mix then mixes the exact "
-        "delta), or merge each LoRA into its base model first and mix the merged checkpoints"
+        "delta), or merge each LoRA into its base model first and mix the merged checkpoints; for diffusers or kohya "
+        "LoRA files pass base=<diffusers pipeline dir> (soups.mix then mixes them exactly)"
     )
 
 

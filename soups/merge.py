@@ -2,7 +2,9 @@
 
 A component (no entry point), so that the CLI, the live page's export and scripts share it: read the experts'
 headers, validate, stream (`soups.interpolate`) or mix adapters exactly (`soups.lora`), and write the soup
-atomically with its provenance (`soups.writer`). `soups.mix` re-exports `mix` and `MixSummary`.
+atomically with its provenance (`soups.writer`). Diffusers experts (LoRA in diffusers, peft or kohya format, or
+full UNets) on a base pipeline go to `soups.diffusers_lora.mix_diffusers`. `soups.mix` re-exports `mix` and
+`MixSummary`.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def mix(
         lora_mode: "delta" (exact Σ λ_i s_i B_i A_i; the default, None) or "ab" (A and B averaged separately);
             adapters only: any value with full checkpoints is refused, since it would be ignored.
         lora_output: "merged" (full checkpoint; the default, None) or "adapter" (PEFT adapter); adapters only.
-        base: Base model for LoRA merges when adapter_config's base path is not local; adapters only.
+        base: Base model for LoRA merges when adapter_config's base path is not local; adapters only. A diffusers
+            pipeline dir here (or experts with soups_expert.json) selects the diffusers path.
         resolved_config: Config saved as config.yaml beside the soup.
         progress: Show a tqdm bar over tensors.
 
@@ -102,6 +105,21 @@ def mix(
         raise SoupsError(f"experts must be a non-empty list of checkpoint paths, got {experts!r}")
     if output is None or str(output).strip() == "":
         raise SoupsError("no output given; pass output=DIR")
+
+    # ---- diffusers experts (LoRA in any format, or full UNets) on a base pipeline go to their module --------
+    from soups.diffusers_lora import is_diffusers_mix  # light: diffusers itself is imported only to load models
+
+    if is_diffusers_mix(experts, base):
+        if keys != "exact":
+            raise SoupsError(f"keys={keys}: diffusers experts are mixed with keys=exact (every expert on one base)")
+        from soups.diffusers_lora import mix_diffusers
+
+        out = mix_diffusers(experts, weights, output, base=base, lora_output=lora_output, lora_mode=lora_mode,
+                            dtype=dtype, device=device, overwrite=overwrite, allow_extrapolation=allow_extrapolation,
+                            max_shard_size=max_shard_size, resolved_config=resolved_config, progress=progress)
+        record = json.loads((out / "soup.json").read_text())
+        return MixSummary(out, int(record["tensors"]), int(record["bytes"]), time.perf_counter() - start)
+
     ckpts = [open_checkpoint(p) for p in experts]
     if weights is None:
         weights = [1.0 / len(ckpts)] * len(ckpts)
