@@ -27,6 +27,7 @@ ENTRY_POINTS = {
     "train_ppo": [str(REPO / "rl" / "train_ppo.py")],
     "train_captioning": [str(REPO / "rl" / "train_captioning.py")],
     "train_brax": [str(REPO / "rl" / "train_brax.py")],
+    "train_diffusion": [str(REPO / "rl" / "train_diffusion.py")],
     "vision_train": [str(REPO / "vision" / "train.py")],
     "vision_sweep": [str(REPO / "vision" / "sweep.py")],
     "vision_average": [str(REPO / "vision" / "average.py")],
@@ -39,6 +40,7 @@ GROUP_ROWS = {
     "train_ppo": "task=nope",
     "train_captioning": "reward=nope",
     "train_brax": "reward=nope",
+    "train_diffusion": "reward=nope",
     "train_ensemble": "method=nope",
     "quickstart": "task=nope",
 }
@@ -89,6 +91,13 @@ ROWS += [
     pytest.param("train_brax", ["normalizer=mix"], "frozen, interpolate", id="train_brax-unknown-normalizer"),
     pytest.param("train_brax", ["init=no_such_dir"], "no brax_policy.json", id="train_brax-missing-init"),
     pytest.param("train_brax", ["ppo.num_envs=7"], "multiple of ppo.num_envs=7", id="train_brax-num-envs"),
+    pytest.param("train_diffusion", ["reward.objectives=[nope]"], "colourfulness",
+                 id="train_diffusion-unknown-reward"),
+    pytest.param("train_diffusion", ["task.prompts=missing.txt"], "missing.txt does not exist",
+                 id="train_diffusion-missing-prompt-file"),
+    pytest.param("train_diffusion", ["task.prompts=empty.txt"], "empty.txt is empty",
+                 id="train_diffusion-empty-prompts"),
+    pytest.param("train_diffusion", ["rwr.keep=1.5"], "rwr.keep=1.5", id="train_diffusion-bad-keep"),
     pytest.param("pareto", ["evaluator=brax", "experts=[a,b]"], "checkpoint not found", id="pareto-brax-missing"),
     pytest.param("vision_train", ["-m", "seed=1,x"], "'x'", id="vision_train-multirun-bad-seed"),
     pytest.param("vision_sweep", ["launcher=slurm"], "valid: local, submitit", id="vision_sweep-unknown-launcher"),
@@ -120,6 +129,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, ...], s
         cwd = tmp_path_factory.mktemp(entry)
         for name in ("a", "b"):
             save_file({"w": torch.ones(2)}, str(cwd / f"{name}.safetensors"))
+        (cwd / "empty.txt").write_text("# a prompt file without prompts\n")
         proc = subprocess.run([sys.executable, *ENTRY_POINTS[entry], *args], cwd=cwd, env=env, capture_output=True,
                               text=True, timeout=300, check=False)  # fmt: skip
         return _row_key(entry, args), proc

@@ -21,7 +21,7 @@ ENTRIES = {"rl/train_ppo.py": "train_ppo", "vision/train.py": "vision_train", "v
            "vision/average.py": "vision_average", "vision/train_ensemble.py": "train_ensemble",
            "soups.mix": "mix", "soups.pareto": "pareto", "soups.quickstart": "quickstart",
            "soups.serve": "serve", "rl/train_captioning.py": "train_captioning",
-           "rl/train_brax.py": "train_brax"}  # fmt: skip
+           "rl/train_brax.py": "train_brax", "rl/train_diffusion.py": "train_diffusion"}  # fmt: skip
 
 
 def _first_bash_block_after(heading: str) -> list[str]:
