@@ -16,11 +16,16 @@ code path that `stable-diffusion-v1-5/stable-diffusion-v1-5` takes.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import sys
+import textwrap
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from soups.registry import Registry
@@ -28,14 +33,25 @@ from soups.utils import SoupsError
 
 __all__ = [
     "DIFFFIT_GAMMA",
+    "INIT_DEFAULTS",
+    "INIT_FILES",
+    "INIT_SMOKE",
     "LORA_TARGETS",
     "TRAINABLES",
     "add_trainable",
     "build_tiny_pipeline",
+    "check_init",
+    "colour_accuracy",
+    "denoising_loss",
     "difffit_targets",
+    "encode_prompts",
+    "ensure_init",
     "fold_difffit",
+    "init_settings",
     "load_pipeline",
+    "prompt_colours",
     "save_expert",
+    "scene_colours",
     "tiny_tokenizer",
     "tokenizer_vocab_merges",
 ]
@@ -100,6 +116,8 @@ def build_tiny_pipeline(
     block_out_channels: Sequence[int] = (32, 64),
     text_width: int = 32,
     max_length: int = 16,
+    vae_width: int = 32,
+    vae_attention: bool = True,
 ) -> Any:
     """The tiny text-to-image pipeline, randomly initialised from `seed` (see the module docstring).
 
@@ -110,6 +128,9 @@ def build_tiny_pipeline(
         block_out_channels: The UNet's block widths.
         text_width: The text encoder's hidden size (= the UNet's cross-attention dim).
         max_length: The tokenizer's and text encoder's maximum length.
+        vae_width: The VAE's channels (its one block's width).
+        vae_attention: Whether the VAE's mid blocks have self-attention (Stable Diffusion's do; the 16×16 scenes
+            need none, and it is a sixth of a VAE step's cost).
 
     Returns:
         A `StableDiffusionPipeline` on CPU in float32, without safety checker.
@@ -149,11 +170,12 @@ def build_tiny_pipeline(
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",),
         up_block_types=("UpDecoderBlock2D",),
-        block_out_channels=(32,),
+        block_out_channels=(vae_width,),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=8,
         sample_size=image_size,
+        mid_block_add_attention=vae_attention,
     )
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
@@ -452,3 +474,430 @@ def save_expert(
         save_file(folded, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "soups_expert.json", info)
     return directory
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Denoising loss (shared by the init and by anyone fine-tuning a text-to-image UNet)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def encode_prompts(tokenizer: Any, text_encoder: torch.nn.Module, prompts: Sequence[str]) -> torch.Tensor:
+    """The text conditioning `StableDiffusionPipeline` computes for `prompts` (without guidance).
+
+    Pads/truncates to `tokenizer.model_max_length` and takes the encoder's last hidden state, without attention
+    mask unless the encoder's config asks for one (as `StableDiffusionPipeline.encode_prompt` does).
+
+    Returns:
+        float [B, T, D], on the text encoder's device.
+    """
+    device = next(text_encoder.parameters()).device
+    tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt")  # fmt: skip
+    mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        mask = tokens.attention_mask.to(device)
+    return text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+
+
+def denoising_loss(
+    unet: torch.nn.Module,
+    noise_scheduler: Any,
+    latents: torch.Tensor,
+    text_states: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The ε-prediction denoising loss per sample: ‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t, c)‖² averaged over pixels.
+
+    Args:
+        unet: The UNet (ε-prediction).
+        noise_scheduler: A DDPM-type scheduler with `add_noise` and `config.num_train_timesteps`.
+        latents: Clean latents x0, float [B, C, h, w] (already times the VAE's scaling factor).
+        text_states: The conditioning, float [B, T, D] (`encode_prompts`).
+        generator: Draws t ~ U{0, …, T−1} and ε (on the CPU, then moved), for reproducibility.
+
+    Returns:
+        float [B], the per-sample loss (weight it, then average).
+    """
+    batch = latents.shape[0]
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents)
+    t = t.to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    pred = unet(noisy, t, encoder_hidden_states=text_states).sample
+    return (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shared init of the embedded task
+# ----------------------------------------------------------------------------------------------------------
+
+INIT_DEFAULTS: dict[str, Any] = {
+    # seeds the components' initialisation, the training scenes, the noise and the check's sampling
+    "seed": 0,
+    # the tiny pipeline's shape (build_tiny_pipeline)
+    "image_size": 16,
+    "block_out_channels": [32, 64],
+    "text_width": 32,
+    "vae_width": 16,
+    "vae_attention": False,
+    # (a) the VAE, trained as an autoencoder on fresh scenes: steps, batch, learning rate, KL weight
+    "vae_steps": 150,
+    "vae_batch": 32,
+    "vae_lr": 2e-3,
+    "vae_kl": 1e-6,
+    # (b) UNet + text encoder on the denoising loss: steps, batch, peak learning rate (warm-up then cosine to
+    # 10%), and the fraction of captions replaced by "" so classifier-free guidance works
+    "unet_steps": 300,
+    "unet_batch": 32,
+    "unet_lr": 2e-3,
+    "caption_dropout": 0.1,
+    # (c) the check: held-out prompts (scene_prompts from check_seed), DDIM steps and guidance scale
+    "check_prompts": 32,
+    "check_seed": 7_919,
+    "check_steps": 20,
+    "guidance_scale": 4.0,
+}
+"""The full init's settings (the quickstart's): about 4 minutes on 2 CPU cores."""
+
+INIT_SMOKE: dict[str, Any] = {
+    **INIT_DEFAULTS,
+    "vae_steps": 10,
+    "vae_batch": 8,
+    "unet_steps": 10,
+    "unet_batch": 8,
+    "check_prompts": 4,
+    "check_steps": 2,
+}
+"""The smoke init's settings: seconds, for tests and `experiment=smoke` (its images are not recognisable)."""
+
+INIT_FILES = ("init_settings.json", "init_check.json", "init_samples.png")
+"""What `ensure_init` writes beside the pipeline: settings and losses, the check's numbers, the contact sheet."""
+
+
+def init_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """`settings` completed with `INIT_DEFAULTS` and checked (a `rebuild` key is ignored here).
+
+    Raises:
+        SoupsError: an unknown key (the valid ones are listed) or a value of the wrong type.
+    """
+    given = {k: v for k, v in dict(settings).items() if k != "rebuild"}
+    unknown = sorted(set(given) - set(INIT_DEFAULTS))
+    if unknown:
+        raise SoupsError(f"unknown init setting(s) {', '.join(unknown)}; valid: {', '.join(INIT_DEFAULTS)}")
+    out = {**INIT_DEFAULTS, **given}
+    for key, default in INIT_DEFAULTS.items():
+        value = out[key]
+        if isinstance(default, list):
+            ok = isinstance(value, list | tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            value = [int(v) for v in value] if ok else value
+        elif isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        if not ok:
+            raise SoupsError(f"init setting {key}={value!r} must be a {type(default).__name__}")
+        out[key] = value
+    if not 0 <= out["caption_dropout"] < 1:
+        raise SoupsError(f"init setting caption_dropout={out['caption_dropout']} must be in [0, 1)")
+    return out
+
+
+def _scene_batch(n: int, seed: int, size: int) -> tuple[torch.Tensor, list[str]]:
+    """Fresh scenes: images float [n, 3, size, size] in [-1, 1] and their captions."""
+    from rl.diffusion.task import generate_scenes
+
+    scenes = generate_scenes(n, seed=seed, size=size)
+    images = torch.from_numpy(np.stack([s["image"] for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return images, [s["prompt"] for s in scenes]
+
+
+def _lr_lambda(total: int) -> Any:
+    warmup = max(1, total // 20)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _train_vae(vae: torch.nn.Module, s: Mapping[str, Any], device: torch.device, progress: bool) -> list[float]:
+    """(a): MSE reconstruction + `vae_kl` × KL on fresh scenes (scene seeds 10⁶ + step)."""
+    from rl.runtime import progress as bar
+
+    opt = torch.optim.AdamW(vae.parameters(), lr=s["vae_lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s["vae_steps"]))
+    gen = torch.Generator().manual_seed(s["seed"] + 1)
+    losses = []
+    vae.train()
+    for step in bar(0, s["vae_steps"], desc="init: VAE", enabled=progress):
+        images, _ = _scene_batch(s["vae_batch"], 1_000_000 + step, s["image_size"])
+        images = images.to(device)
+        posterior = vae.encode(images).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)
+        recon = vae.decode(latents).sample
+        loss = (recon - images).pow(2).mean() + s["vae_kl"] * posterior.kl().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    vae.eval()
+    return losses
+
+
+def _train_denoiser(pipe: Any, s: Mapping[str, Any], device: torch.device, progress: bool) -> list[float]:
+    """(b): UNet + text encoder on the ε-prediction loss under the pipeline's DDPM noise schedule, captions
+    dropped to "" with probability `caption_dropout` (scene seeds 2·10⁶ + step)."""
+    from diffusers import DDPMScheduler
+
+    from rl.runtime import progress as bar
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=s["unet_lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s["unet_steps"]))
+    gen = torch.Generator().manual_seed(s["seed"] + 2)
+    scaling = pipe.vae.config.scaling_factor
+    losses = []
+    pipe.unet.train()
+    pipe.text_encoder.train()
+    for step in bar(0, s["unet_steps"], desc="init: UNet", enabled=progress):
+        images, prompts = _scene_batch(s["unet_batch"], 2_000_000 + step, s["image_size"])
+        drop = torch.rand(len(prompts), generator=gen) < s["caption_dropout"]
+        prompts = ["" if d else p for d, p in zip(drop.tolist(), prompts, strict=True)]
+        with torch.no_grad():
+            posterior = pipe.vae.encode(images.to(device)).latent_dist
+            noise = torch.randn(posterior.mean.shape, generator=gen).to(device)
+            latents = (posterior.mean + posterior.std * noise) * scaling
+        text = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts)
+        loss = denoising_loss(pipe.unet, noise_scheduler, latents, text, generator=gen).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    return losses
+
+
+def scene_colours(images: np.ndarray) -> tuple[list[str], list[str]]:
+    """The shape colour and the background colour a scene image shows, as palette names.
+
+    Background: the palette colour nearest to the median of the border pixels (the one-pixel frame). Shape: the
+    palette colour, other than the background, that most of the central pixels (the middle half of each side)
+    are nearest to; the background's own colour when none is.
+
+    Args:
+        images: uint8 [B, H, W, 3].
+
+    Returns:
+        (shape colours, background colours), B names each (keys of `rl.diffusion.task.COLOURS`).
+    """
+    from rl.diffusion.task import COLOURS
+
+    names = list(COLOURS)
+    palette = np.array([COLOURS[n] for n in names], dtype=np.float64)  # [K, 3]
+    images = np.asarray(images, dtype=np.float64)
+    _, height, width, _ = images.shape
+    nearest = ((images[..., None, :] - palette) ** 2).sum(-1).argmin(-1)  # [B, H, W]
+    shapes, backgrounds = [], []
+    for image, near in zip(images, nearest, strict=True):
+        border = np.concatenate([image[0], image[-1], image[1:-1, 0], image[1:-1, -1]])
+        bg = int(((np.median(border, axis=0) - palette) ** 2).sum(-1).argmin())
+        centre = near[height // 4 : height - height // 4, width // 4 : width - width // 4].ravel()
+        counts = np.bincount(centre, minlength=len(names))
+        counts[bg] = 0
+        shapes.append(names[int(counts.argmax())] if counts.any() else names[bg])
+        backgrounds.append(names[bg])
+    return shapes, backgrounds
+
+
+def prompt_colours(prompt: str) -> tuple[str, str]:
+    """(shape colour, background colour) of a prompt "a <colour> <shape> on a <background> background"."""
+    words = prompt.split()
+    return words[1], words[-2]
+
+
+def colour_accuracy(images: np.ndarray, prompts: Sequence[str]) -> dict[str, float]:
+    """Fractions of images whose shape colour / background colour (`scene_colours`) are the prompt's.
+
+    Returns:
+        {"shape_colour": float, "background": float, "both": float}.
+    """
+    shapes, backgrounds = scene_colours(images)
+    want = [prompt_colours(p) for p in prompts]
+    shape_ok = np.array([s == w[0] for s, w in zip(shapes, want, strict=True)])
+    bg_ok = np.array([b == w[1] for b, w in zip(backgrounds, want, strict=True)])
+    return {"shape_colour": float(shape_ok.mean()), "background": float(bg_ok.mean()),
+            "both": float((shape_ok & bg_ok).mean())}  # fmt: skip
+
+
+def _generate(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float) -> np.ndarray:
+    """uint8 [B, H, W, 3]: one image per (prompt, seed), DDIM `steps`, guidance `guidance` (batched by 32)."""
+    out = []
+    for start in range(0, len(prompts), 32):
+        chunk, chunk_seeds = list(prompts[start : start + 32]), list(seeds[start : start + 32])
+        gens = [torch.Generator().manual_seed(int(s)) for s in chunk_seeds]
+        with torch.no_grad():
+            images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                          output_type="np").images  # fmt: skip
+        out.append(np.clip(np.rint(images * 255), 0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def check_init(pipe: Any, s: Mapping[str, Any], directory: Path) -> dict[str, Any]:
+    """Is the init recognisable? Generates the held-out prompts, scores their colours, writes the contact sheet.
+
+    Writes `directory/init_check.json` (the numbers, beside the same classifier's accuracy on the true scenes,
+    its ceiling, and chance) and `directory/init_samples.png` (rows: the first 8 prompts; columns: the true scene,
+    then 4 samples from seeds `check_seed` + i).
+
+    Returns:
+        The check's numbers.
+    """
+    from rl.diffusion.evaluator import save_contact_sheet
+    from rl.diffusion.task import generate_scenes
+    from soups.utils import write_json
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    scenes = generate_scenes(s["check_prompts"], seed=s["check_seed"], size=s["image_size"])
+    prompts = [sc["prompt"] for sc in scenes]
+    seeds = [s["check_seed"] + i for i in range(len(prompts))]
+    images = _generate(pipe, prompts, seeds, s["check_steps"], s["guidance_scale"])
+    unguided = _generate(pipe, prompts, seeds, s["check_steps"], 1.0)
+    check = {
+        "prompts": len(prompts),
+        "prompt_seed": s["check_seed"],
+        "ddim_steps": s["check_steps"],
+        "guidance_scale": s["guidance_scale"],
+        "accuracy": colour_accuracy(images, prompts),
+        "accuracy_without_guidance": colour_accuracy(unguided, prompts),
+        "accuracy_of_true_scenes": colour_accuracy(np.stack([sc["image"] for sc in scenes]), prompts),
+        "chance": {"shape_colour": 0.1, "background": 0.1, "both": 0.01},
+        "per_prompt": [],
+    }
+    shapes, backgrounds = scene_colours(images)
+    for prompt, shape, background in zip(prompts, shapes, backgrounds, strict=True):
+        check["per_prompt"].append({"prompt": prompt, "shape_colour": shape, "background": background})
+    rows = min(8, len(prompts))
+    extra_prompts = [p for p in prompts[:rows] for _ in range(3)]
+    extra_seeds = [s["check_seed"] + 10_000 + 3 * i + j for i in range(rows) for j in range(3)]
+    extra = _generate(pipe, extra_prompts, extra_seeds, s["check_steps"], s["guidance_scale"])
+    grid = np.stack([np.stack([scenes[i]["image"], images[i], *extra[3 * i : 3 * i + 3]]) for i in range(rows)])
+    save_contact_sheet(directory / "init_samples.png", grid, [textwrap.shorten(p, 40) for p in prompts[:rows]],
+                       ["true scene", "sample 1", "sample 2", "sample 3", "sample 4"],
+                       title=f"init: DDIM {s['check_steps']} steps, guidance {s['guidance_scale']}")  # fmt: skip
+    check["seconds"] = round(time.perf_counter() - t0, 1)
+    check["cpu_seconds"] = round(time.process_time() - c0, 1)
+    write_json(directory / "init_check.json", check)
+    return check
+
+
+def ensure_init(
+    directory: str | Path,
+    settings: Mapping[str, Any],
+    *,
+    rebuild: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> Path:
+    """The embedded task's shared init: the tiny pipeline pre-trained on the scenes, built once and cached.
+
+    Steps: (a) the single-block VAE trained briefly as an autoencoder (MSE + `vae_kl`·KL), then
+    `vae.config.scaling_factor` = 1 / std of its latents; (b) UNet + text encoder on the ε-prediction loss under
+    the pipeline's DDPM noise schedule, with `caption_dropout` of the captions replaced by "" (for classifier-free
+    guidance); (c) `save_pretrained` into `directory`, with `init_settings.json` (the settings, losses, seconds),
+    and `check_init`'s `init_check.json` and `init_samples.png`. Published atomically.
+
+    An existing `directory` built with the same settings is reused as it is; one built with other settings is
+    refused, or rebuilt when `rebuild` (or `settings["rebuild"]`) is true.
+
+    Args:
+        directory: The init directory (a diffusers pipeline dir, loaded by `load_pipeline`).
+        settings: Keys of `INIT_DEFAULTS` (missing ones take the defaults), e.g. `INIT_SMOKE`.
+        rebuild: Replace an init built with other settings instead of refusing it.
+        device: Where to train.
+        progress: Progress bars (on a terminal only).
+
+    Returns:
+        `directory`, absolute.
+
+    Raises:
+        SoupsError: bad settings, or `directory` holds an init built with other settings (and no rebuild), or
+            something else that is not an init.
+    """
+    from soups.utils import atomic_dir, seed_everything, write_json
+
+    rebuild = bool(rebuild or dict(settings).get("rebuild", False))
+    s = init_settings(settings)
+    target = Path(directory).absolute()
+    info = target / "init_settings.json"
+    if info.is_file():
+        try:
+            built = json.loads(info.read_text()).get("settings")
+        except (OSError, ValueError) as err:
+            raise SoupsError(f"the diffusion init {target} has an unreadable init_settings.json: {err}") from err
+        if built == s:
+            return target
+        if not rebuild:
+            diff = {k: (built.get(k) if isinstance(built, dict) else None, v) for k, v in s.items()
+                    if not isinstance(built, dict) or built.get(k) != v}  # fmt: skip
+            raise SoupsError(f"the diffusion init {target} was built with other settings (built, asked: {diff}); "
+                             "remove it, rebuild it (init.rebuild=true), or use another directory")  # fmt: skip
+    elif target.exists() and any(target.iterdir()) and not rebuild:
+        raise SoupsError(f"{target} exists and is not a diffusion init (no init_settings.json)")
+    from rl.diffusion.task import vocabulary
+
+    device = torch.device(device)
+    seed_everything(s["seed"])
+    pipe = build_tiny_pipeline(vocabulary(), seed=s["seed"], image_size=s["image_size"],
+                               block_out_channels=s["block_out_channels"], text_width=s["text_width"],
+                               vae_width=s["vae_width"], vae_attention=s["vae_attention"])  # fmt: skip
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    vae_losses = _train_vae(pipe.vae, s, device, progress)
+    with torch.no_grad():
+        images, _ = _scene_batch(256, 3_000_000, s["image_size"])
+        latents = pipe.vae.encode(images.to(device)).latent_dist.mean
+        recon_mse = float((pipe.vae.decode(latents).sample - images.to(device)).pow(2).mean())
+    pipe.vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    t1, c1 = time.perf_counter(), time.process_time()
+    unet_losses = _train_denoiser(pipe, s, device, progress)
+    t2, c2 = time.perf_counter(), time.process_time()
+    for name in ("unet", "vae", "text_encoder"):
+        bad = [k for k, v in getattr(pipe, name).state_dict().items() if v.is_floating_point()
+               and not bool(torch.isfinite(v).all())]  # fmt: skip
+        if bad:
+            raise SoupsError(f"the diffusion init's {name} has non-finite weights ({bad[0]}); not saved")
+    try:
+        with atomic_dir(target, overwrite=rebuild) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            check = check_init(pipe, s, tmp)
+            every = max(1, len(unet_losses) // 50)
+            write_json(tmp / "init_settings.json", {
+                "settings": s,
+                "seconds": {"vae": round(t1 - t0, 1), "unet": round(t2 - t1, 1), "check": check["seconds"]},
+                "cpu_seconds": {"vae": round(c1 - c0, 1), "unet": round(c2 - c1, 1),
+                                "check": check["cpu_seconds"]},
+                "vae": {"final_loss": vae_losses[-1] if vae_losses else None, "recon_mse": recon_mse,
+                        "scaling_factor": pipe.vae.config.scaling_factor},
+                "unet": {"final_loss": float(np.mean(unet_losses[-20:])) if unet_losses else None,
+                         "loss_curve": unet_losses[::every]},
+                "accuracy": check["accuracy"],
+            })  # fmt: skip
+    except SoupsError:
+        if not info.is_file():  # another run published the same build first: that one is as good
+            raise
+        if json.loads(info.read_text()).get("settings") != s:
+            raise
+    return target

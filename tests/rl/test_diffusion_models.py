@@ -10,15 +10,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from rl.diffusion.models import (
     DIFFFIT_GAMMA,
+    INIT_DEFAULTS,
+    INIT_FILES,
+    INIT_SMOKE,
     LORA_TARGETS,
     add_trainable,
     build_tiny_pipeline,
+    colour_accuracy,
+    ensure_init,
     fold_difffit,
     load_pipeline,
     save_expert,
@@ -256,3 +262,91 @@ def test_save_expert_refuses_nan(tiny_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(SoupsError, match=f"tensor {name.removesuffix('.' + DIFFFIT_GAMMA)}.weight has non-finite"):
         save_expert(unet, tmp_path / "expert", "difffit", base="b")
     assert not (tmp_path / "expert").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shared init
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_init(tmp_path_factory.mktemp("init") / "init", INIT_SMOKE)
+
+
+def test_smoke_init_builds_a_pipeline_dir(smoke_init: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = load_pipeline(smoke_init)
+    assert isinstance(pipe, StableDiffusionPipeline)
+    for name in INIT_FILES:
+        assert (smoke_init / name).is_file(), name
+    info = json.loads((smoke_init / "init_settings.json").read_text())
+    assert info["settings"] == {**INIT_DEFAULTS, **INIT_SMOKE}
+    # (a) set the latents' scale: 1 / std of the trained VAE's latents, saved in the VAE's config
+    assert pipe.vae.config.scaling_factor == pytest.approx(info["vae"]["scaling_factor"])
+    assert pipe.vae.config.scaling_factor != 1.0
+    check = json.loads((smoke_init / "init_check.json").read_text())
+    assert check["prompts"] == INIT_SMOKE["check_prompts"] == len(check["per_prompt"])
+    assert check["accuracy_of_true_scenes"] == {"shape_colour": 1.0, "background": 1.0, "both": 1.0}
+    assert 0 <= check["accuracy"]["shape_colour"] <= 1 and check["guidance_scale"] == INIT_SMOKE["guidance_scale"]
+    # every trained component moved away from the random pipeline
+    random = build_tiny_pipeline(vocabulary(), seed=0, vae_width=INIT_SMOKE["vae_width"],
+                                 vae_attention=INIT_SMOKE["vae_attention"])  # fmt: skip
+    for name in ("unet", "vae", "text_encoder"):
+        trained = getattr(pipe, name).state_dict()
+        assert any(not torch.equal(v, trained[k]) for k, v in getattr(random, name).state_dict().items()), name
+
+
+def test_init_is_reused_when_settings_match(smoke_init: Path) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in smoke_init.rglob("*") if p.is_file()}
+    assert ensure_init(smoke_init, dict(INIT_SMOKE)) == smoke_init
+    assert {p.name: p.stat().st_mtime_ns for p in smoke_init.rglob("*") if p.is_file()} == before
+
+
+def test_init_with_other_settings_is_refused(smoke_init: Path) -> None:
+    with pytest.raises(SoupsError, match=r"was built with other settings .*'unet_steps': \(10, 11\)"):
+        ensure_init(smoke_init, {**INIT_SMOKE, "unet_steps": 11})
+
+
+def test_bad_init_settings_are_one_error(tmp_path: Path) -> None:
+    with pytest.raises(SoupsError, match="unknown init setting.s. unet_stepz; valid: seed, image_size"):
+        ensure_init(tmp_path / "init", {"unet_stepz": 3})
+    with pytest.raises(SoupsError, match="init setting unet_steps='3' must be a int"):
+        ensure_init(tmp_path / "init", {"unet_steps": "3"})
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("x")
+    with pytest.raises(SoupsError, match="is not a diffusion init"):
+        ensure_init(tmp_path / "other", INIT_SMOKE)
+    assert not (tmp_path / "init").exists()
+
+
+def test_colour_classifier_on_true_scenes_and_noise() -> None:
+    """The init check's classifier reads the true scenes right and is at chance on noise."""
+    from rl.diffusion.task import generate_scenes
+
+    scenes = generate_scenes(300, seed=123)
+    acc = colour_accuracy(np.stack([s["image"] for s in scenes]), [s["prompt"] for s in scenes])
+    assert acc["shape_colour"] >= 0.97 and acc["background"] == 1.0
+    noise = np.random.default_rng(0).integers(0, 256, (300, 16, 16, 3), dtype=np.uint8)
+    acc = colour_accuracy(noise, [s["prompt"] for s in scenes])
+    assert acc["shape_colour"] < 0.25 and acc["background"] < 0.25
+
+
+@pytest.mark.slow
+def test_init_is_deterministic_and_rebuilds(smoke_init: Path, tmp_path: Path) -> None:
+    other = ensure_init(tmp_path / "init", INIT_SMOKE)
+    a, b = load_pipeline(smoke_init), load_pipeline(other)
+    for name in ("unet", "vae", "text_encoder"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+    ensure_init(other, {**INIT_SMOKE, "unet_steps": 5}, rebuild=True)
+    assert json.loads((other / "init_settings.json").read_text())["settings"]["unet_steps"] == 5
+
+
+@pytest.mark.slow
+def test_full_init_is_recognisable(tmp_path: Path) -> None:
+    """The quickstart's init: shape and background colours far above chance (1/10) on held-out prompts."""
+    directory = ensure_init(tmp_path / "init", INIT_DEFAULTS)
+    acc = json.loads((directory / "init_check.json").read_text())["accuracy"]
+    assert acc["background"] >= 0.6 and acc["shape_colour"] >= 0.4
