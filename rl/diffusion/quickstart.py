@@ -69,13 +69,17 @@ def train_overrides(cfg: Any, reward: str, output: Path, weights: Sequence[float
     one round-0 cache (`<output_dir>/rwr_cache`): the init's images are generated and scored once.
 
     Args:
-        cfg: The quickstart config (`output_dir`, `seed`, `experts`, `init`, `train`: extra overrides of every run).
+        cfg: The quickstart config (`output_dir`, `seed`, `experts`, `objectives`: every run's reward.objectives,
+            null for the experts' names, `init`, `train`: extra overrides of every run).
         reward: The expert's reward name (ignored for MORL).
         output: The run's output directory.
         weights: μ of a MORL run over `cfg.experts`; None for an expert.
     """
+    from omegaconf import OmegaConf
+
     out = Path(cfg.output_dir).absolute()
-    objectives = [str(e) for e in cfg.experts]
+    given = cfg.get("objectives")
+    objectives = OmegaConf.to_container(given, resolve=True) if given else [str(e) for e in cfg.experts]
     overrides = [f"reward={'morl' if weights is not None else reward}", f"reward.objectives={hydra_list(objectives)}",
                  f"output_dir={output}", f"model.init_dir={out / INIT_DIR}", f"init.seed={cfg.seed}",
                  f"rwr.cache_dir={out / CACHE_DIR}", f"seed={cfg.seed}", "overwrite=true"]  # fmt: skip
