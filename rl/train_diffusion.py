@@ -432,16 +432,15 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _init_path(cfg: DictConfig, progress: bool) -> str:
+def _init_path(cfg: DictConfig, device: torch.device, progress: bool) -> str:
     """`model.name_or_path`, or the embedded init (built once into `model.init_dir` from `init.*`, then cached)."""
     if cfg.model.name_or_path:
         return str(cfg.model.name_or_path)
     from rl.diffusion.models import ensure_init
 
     state_before = runtime.rng_state()
-    path = ensure_init(Path(str(cfg.model.init_dir)), _container(cfg.init))
+    path = ensure_init(Path(str(cfg.model.init_dir)), _container(cfg.init), device=device, progress=progress)
     runtime.set_rng_state(state_before)  # the run is the same whether the init was just built or found cached
-    del progress
     return str(path)
 
 
@@ -476,7 +475,7 @@ def train(cfg: DictConfig) -> Path:
     accelerator = Accelerator(cpu=device.type == "cpu", log_with=log_with or None, project_dir=str(out))
 
     # ---- the init pipeline, and round 0 from it (shared by every run of the same init, prompts and sampler) ----
-    init = _init_path(cfg, progress)
+    init = _init_path(cfg, device, progress)
     pipe = load_pipeline(init, device=device, progress=False)
     if not all(hasattr(pipe, c) for c in ("unet", "vae", "text_encoder", "tokenizer")):
         raise SoupsError(f"{init}: rl/train_diffusion.py trains Stable-Diffusion-layout pipelines (unet, vae, "
