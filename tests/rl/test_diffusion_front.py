@@ -192,3 +192,86 @@ def test_paired_conflict_hand_worked(tmp_path: Path) -> None:
     assert c["unpaired_stderr"] == pytest.approx((1 / 3 + 3 / 3) ** 0.5) and c["ok_paired"] and c["n"] == 3
     f = checks["fidelity"]  # differences 0.4, 0.2, 0.0: mean 0.2, std 0.2
     assert f["margin"] == pytest.approx(0.2) and f["paired_stderr"] == pytest.approx(0.2 / 3**0.5) and f["ok_paired"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The front on two LoRA experts (the diffusers checkpoint kind's resident Soup)
+# ----------------------------------------------------------------------------------------------------------
+
+# Two objectives (the second a rescaled first: what matters here is that both score the same images).
+REWARDS_NODE = ["colourfulness", {"name": "colour100", "type": "colourfulness", "scale": 100.0}]
+
+
+@pytest.fixture(scope="module")
+def lora_experts(pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Two rank-2/rank-4 LoRA experts on the tiny pipeline with random (non-zero) B factors."""
+    from rl.diffusion.models import add_trainable, load_pipeline, save_expert
+
+    root = tmp_path_factory.mktemp("experts")
+    out = []
+    for k, rank in enumerate((2, 4)):
+        unet = load_pipeline(pipeline_dir).unet
+        torch.manual_seed(10 + k)
+        add_trainable(unet, "lora", rank=rank, alpha=2.0 * rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        with torch.no_grad():
+            for name, param in unet.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.2)
+        out.append(str(save_expert(unet, root / f"expert{k}", "lora", base=str(pipeline_dir))))
+    return out
+
+
+def test_soup_at_a_vertex_scores_as_the_expert_loaded_by_diffusers(pipeline_dir: Path, lora_experts: list[str]) -> None:
+    from rl.diffusion.models import load_pipeline
+    from soups.front import open_soup
+
+    evaluator, _ = _evaluator(pipeline_dir)
+    evaluator.rewards = {"colourfulness": build_reward("colourfulness", {})}
+    soup = open_soup(lora_experts, base_model=None, device=torch.device("cpu"), dtype=torch.float32)
+    soup.set_weights([1.0, 0.0])
+    at_vertex = evaluator.evaluate(soup.model)
+    soup_images = evaluator.last_images.copy()
+    soup.set_weights([0.0, 1.0])
+    other = evaluator.evaluate(soup.model)
+    assert other != at_vertex  # the experts differ
+    pipe = load_pipeline(pipeline_dir)  # expert 1 the diffusers way: its LoRA on the base UNet, unmerged
+    pipe.load_lora_weights(lora_experts[0])
+    expert = evaluator.evaluate(pipe.unet)
+    assert np.abs(evaluator.last_images.astype(int) - soup_images.astype(int)).max() <= 1
+    assert expert["colourfulness"].mean == pytest.approx(at_vertex["colourfulness"].mean, rel=1e-4, abs=1e-3)
+
+
+def test_pareto_front_with_the_diffusion_evaluator_writes_the_contact_sheet(
+    pipeline_dir: Path, lora_experts: list[str], tmp_path: Path
+) -> None:
+    import json
+
+    from PIL import Image
+
+    from soups.pareto import run_front
+    from soups.quickstart import compose_entry
+    from soups.quickstart_registry import hydra_value
+
+    out = tmp_path / "front"
+    cfg = compose_entry("pareto", [f"experts=[{lora_experts[0]},{lora_experts[1]}]", "expert_names=[a,b]",
+                                   f"init={pipeline_dir}", "evaluator=diffusion", "evaluator.n_prompts=2",
+                                   "evaluator.seeds=2", "evaluator.steps=3", "evaluator.batch_size=4",
+                                   f"evaluator.rewards={hydra_value(REWARDS_NODE)}",
+                                   "grid.n_points=3", "eum_divisions=2", f"output={out}", "device=cpu"])  # fmt: skip
+    run_front(cfg)
+    for name in ("front.jsonl", "summary.json", "front.png", "lambda_grid.png", "sample_scores.jsonl"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(x) for x in (out / "front.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["init", "expert", "soup", "expert"]
+    assert set(rows[0]["objectives"]) == {"colourfulness", "colour100"} and rows[0]["n"] == 4
+    for row in rows:  # one reward is the other / 100: the same images were scored by both
+        assert 100 * row["objectives"]["colour100"]["mean"] == pytest.approx(row["objectives"]["colourfulness"]["mean"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["expert_kind"] == "diffusers_lora" and len(summary["lmc"]["rows"]) == 1
+    # the sheet: 3 λ rows + the init row, 4 (prompt, seed) columns of 16×16 images upscaled 4×
+    width, height = Image.open(out / "lambda_grid.png").size
+    assert height >= 4 * 66 and width >= 4 * 66
+    scores = [json.loads(x) for x in (out / "sample_scores.jsonl").read_text().splitlines()]
+    assert [s["name"] for s in scores] == [r["name"] for r in rows]
+    mean = np.mean(scores[1]["scores"]["colourfulness"])
+    assert mean == pytest.approx(rows[1]["objectives"]["colourfulness"]["mean"])
