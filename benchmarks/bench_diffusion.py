@@ -234,6 +234,9 @@ def main() -> None:
     from soups.utils import steady_malloc
 
     steady_malloc()
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # the reload baseline's load_lora_weights warns on every call
     results: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)

@@ -137,7 +137,11 @@ class DiffusionEvaluator:
         pipe.unet = unet
         dtype = next(unet.parameters()).dtype
         if self._placed != (self.device, dtype):  # the rest of the pipeline follows the resident UNet, once
-            pipe.to(self.device, dtype)
+            for component in pipe.components.values():
+                if isinstance(component, torch.nn.Module) and component is not unet:
+                    first = next(component.parameters(), None)
+                    if first is not None and (first.dtype != dtype or first.device != self.device):
+                        component.to(self.device, dtype)
             self._placed = (self.device, dtype)
         out = []
         with torch.no_grad():
