@@ -99,6 +99,10 @@ ROWS += [
                  id="train_diffusion-empty-prompts"),
     pytest.param("train_diffusion", ["rwr.keep=1.5"], "rwr.keep=1.5", id="train_diffusion-bad-keep"),
     pytest.param("pareto", ["evaluator=brax", "experts=[a,b]"], "checkpoint not found", id="pareto-brax-missing"),
+    pytest.param("mix", ["experts=[ea,eb]", "output=out"], "experts ea and eb have different base pipelines",
+                 id="mix-diffusers-different-bases"),
+    pytest.param("pareto", ["experts=[ea,eb]"], "experts ea and eb have different base pipelines",
+                 id="pareto-diffusers-different-bases"),
     pytest.param("vision_train", ["-m", "seed=1,x"], "'x'", id="vision_train-multirun-bad-seed"),
     pytest.param("vision_sweep", ["launcher=slurm"], "valid: local, submitit", id="vision_sweep-unknown-launcher"),
     pytest.param("quickstart", ["launcher=slurm"], "valid: inprocess, python, accelerate, submitit",
@@ -117,7 +121,8 @@ def _row_key(entry: str, args: list[str]) -> tuple[str, ...]:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, ...], subprocess.CompletedProcess]:
-    """Runs every row once, in parallel, each from its own empty directory (with two tiny experts in it)."""
+    """Runs every row once, in parallel, each from its own empty directory (with two tiny experts in it, and two
+    diffusers expert dirs `ea`, `eb` that record different base pipelines)."""
     from safetensors.torch import save_file
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default"}
@@ -129,6 +134,9 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, ...], s
         cwd = tmp_path_factory.mktemp(entry)
         for name in ("a", "b"):
             save_file({"w": torch.ones(2)}, str(cwd / f"{name}.safetensors"))
+        for name, base in (("ea", "base_one"), ("eb", "base_two")):  # diffusers experts of two different bases
+            (cwd / name).mkdir()
+            (cwd / name / "soups_expert.json").write_text(f'{{"kind": "diffusers_lora", "base": "{base}"}}')
         (cwd / "empty.txt").write_text("# a prompt file without prompts\n")
         proc = subprocess.run([sys.executable, *ENTRY_POINTS[entry], *args], cwd=cwd, env=env, capture_output=True,
                               text=True, timeout=300, check=False)  # fmt: skip
