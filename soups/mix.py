@@ -6,11 +6,17 @@
 Full checkpoints go through `soups.interpolate.interpolate` (one tensor per expert in memory at a time) and
 `soups.writer.write_soup` (sharded safetensors, config/tokenizer files, soup.json provenance, model card,
 atomic rename). When every expert is a PEFT adapter the mix is delegated to `soups.lora.mix_lora`
-(`lora_mode`, `lora_output`, `base`). Config: `configs/mix/config.yaml`, every field documented there.
+(`lora_mode`, `lora_output`, `base`). Diffusers experts go to `soups.diffusers_lora.mix_diffusers` when `base=` is a
+diffusers pipeline dir or the experts carry `soups_expert.json`: LoRA in the diffusers, peft or kohya format, mixed
+exactly, written as a full pipeline (`lora_output=merged`) or a rank-Σr LoRA (`lora_output=adapter`); full-UNet
+experts averaged. Config: `configs/mix/config.yaml`, every field documented there.
+
+    python -m soups.mix experts=[A,B] weights=[0.3,0.7] base=PIPELINE output=S    # diffusers LoRA experts
 
 What it refuses (one `error: ...` line, exit 2, nothing written): LoRA options given with full checkpoints (they
-would be silently ignored), checkpoints of LoRA factors offered as full weights (diffusers `lora.down`, kohya
-`lora_unet_…`: mixing factors linearly is wrong), integer/quantized tensors that differ across experts, weights
+would be silently ignored), checkpoints of LoRA factors offered as full weights without a base pipeline (diffusers
+`lora.down`, kohya `lora_unet_…`: mixing factors linearly is wrong; with `base=<pipeline>` they are mixed exactly),
+diffusers experts on different base pipelines, integer/quantized tensors that differ across experts, weights
 summing to 0, and an output that another run writes at the same time (`soups.utils.atomic_dir`).
 
 `mix(...)` is the same pipeline as a plain function, for scripts and tests.
@@ -67,7 +73,13 @@ def build_smoke_experts(paths: Sequence[str | Path], seed: int) -> list[Path]:
 
 
 def _check_loads(output: Path) -> float:
-    """Loads a causal-LM soup with `from_pretrained` and returns its loss on a fixed token sequence."""
+    """Loads a causal-LM soup with `from_pretrained` and returns its loss on a fixed token sequence (a diffusers
+    pipeline soup: loads it with `DiffusionPipeline.from_pretrained` and returns its UNet's parameter count)."""
+    if (output / "model_index.json").is_file():
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(output)
+        return float(sum(p.numel() for p in pipe.unet.parameters()))
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(output)
@@ -117,8 +129,11 @@ def run(cfg: DictConfig) -> MixSummary:
 
     # ---- report -------------------------------------------------------------------------------------------
     if cfg.check_loads:
-        loss = _check_loads(summary.output)
-        print(f"reloaded {summary.output} with from_pretrained; loss on a fixed sequence {loss:.4f}")
+        value = _check_loads(summary.output)
+        if (summary.output / "model_index.json").is_file():
+            print(f"reloaded {summary.output} with DiffusionPipeline.from_pretrained; UNet of {value:.0f} parameters")
+        else:
+            print(f"reloaded {summary.output} with from_pretrained; loss on a fixed sequence {value:.4f}")
     print(summary.line())
     return summary
 
