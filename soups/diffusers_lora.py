@@ -975,11 +975,12 @@ def open_soup(
     dev = torch.device(device)
     if experts[0].kind != "lora":
         unet = build_resident_model(experts[0].path)
-        return Soup.from_checkpoints([e.checkpoint.path for e in experts], model=unet, device=dev, dtype=dtype,
-                                     progress=False, allow_extrapolation=allow_extrapolation)  # fmt: skip
-    unet = build_resident_model(experts[0].path, base_dir).to(dev)
-    if dtype is not None:
-        unet = unet.to(dtype)
+        if dtype is not None:  # nn.Module.to: diffusers' own .to warns about fp32-kept modules on every cast
+            nn.Module.to(unet, dtype=dtype)
+        return Soup.from_checkpoints([e.checkpoint.path for e in experts], model=unet, device=dev, progress=False,
+                                     allow_extrapolation=allow_extrapolation)  # fmt: skip
+    unet = build_resident_model(experts[0].path, base_dir)
+    nn.Module.to(unet, device=dev, dtype=dtype) if dtype is not None else nn.Module.to(unet, device=dev)
     mixed = _union_factors(experts)
     params = dict(unet.named_parameters())
     base_ckpt, _ = _component_checkpoint(base_dir / "unet")

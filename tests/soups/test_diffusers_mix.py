@@ -263,6 +263,12 @@ def test_unet_experts_mix_as_weighted_weights(world: dict[str, Any], tmp_path: P
         torch.testing.assert_close(value.double(), expected, atol=1e-6, rtol=0)
         torch.testing.assert_close(resident[key], value, atol=1e-6, rtol=0)
     assert json.loads((out / "soup.json").read_text())["mode"] == "diffusers-unet-linear"
+    # a pipeline dir (the front's init point) is the diffusers_pipeline kind: its own UNet, resident
+    from soups.pareto_registry import check_experts
+
+    assert check_experts([str(world["base"])])["kind"] == "diffusers_pipeline"
+    init = open_soup([str(world["base"])], base_model=None, device=torch.device("cpu"), dtype=torch.float32)
+    assert all(torch.equal(v, base[k]) for k, v in init.set_weights([1.0]).state_dict().items())
 
 
 def test_save_lora_adapter_file_silently_loads_nothing_in_diffusers_but_not_here(world: dict[str, Any],
