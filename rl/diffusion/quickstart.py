@@ -65,12 +65,13 @@ def build_init(cfg: Any, directory: Path) -> Path:
 def train_overrides(cfg: Any, reward: str, output: Path, weights: Sequence[float] | None = None) -> list[str]:
     """`rl/train_diffusion.py` overrides of one expert (`reward=<name>`) or the MORL run on the experts' rewards.
 
-    Every run scores every expert's reward (so its `metrics.jsonl` traces its path in the front's plane) and shares
-    one round-0 cache (`<output_dir>/rwr_cache`): the init's images are generated and scored once.
+    Every run scores the same objectives (every expert's reward, so its `metrics.jsonl` traces its path in the
+    front's plane) and shares one round-0 cache (`<output_dir>/rwr_cache`): the init's images are generated and scored
+    once.
 
     Args:
         cfg: The quickstart config (`output_dir`, `seed`, `experts`, `objectives`: every run's reward.objectives,
-            null for the experts' names, `init`, `train`: extra overrides of every run).
+            null for the reward configs' own, `init`, `train`: extra overrides of every run).
         reward: The expert's reward name (ignored for MORL).
         output: The run's output directory.
         weights: μ of a MORL run over `cfg.experts`; None for an expert.
@@ -78,11 +79,12 @@ def train_overrides(cfg: Any, reward: str, output: Path, weights: Sequence[float
     from omegaconf import OmegaConf
 
     out = Path(cfg.output_dir).absolute()
-    given = cfg.get("objectives")
-    objectives = OmegaConf.to_container(given, resolve=True) if given else [str(e) for e in cfg.experts]
-    overrides = [f"reward={'morl' if weights is not None else reward}", f"reward.objectives={hydra_list(objectives)}",
-                 f"output_dir={output}", f"model.init_dir={out / INIT_DIR}", f"init.seed={cfg.seed}",
-                 f"rwr.cache_dir={out / CACHE_DIR}", f"seed={cfg.seed}", "overwrite=true"]  # fmt: skip
+    overrides = [f"reward={'morl' if weights is not None else reward}", f"output_dir={output}",
+                 f"model.init_dir={out / INIT_DIR}", f"init.seed={cfg.seed}", f"rwr.cache_dir={out / CACHE_DIR}",
+                 f"seed={cfg.seed}", "overwrite=true"]  # fmt: skip
+    if cfg.get("objectives"):
+        objectives = OmegaConf.to_container(cfg.objectives, resolve=True)
+        overrides.append(f"reward.objectives={hydra_list(objectives)}")  # type: ignore[arg-type]
     if weights is not None:
         overrides.append(f"reward.weights={hydra_list([float(w) for w in weights])}")
     return [*overrides, *[str(o) for o in cfg.train], *[str(o) for o in cfg.init]]

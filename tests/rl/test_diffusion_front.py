@@ -275,3 +275,30 @@ def test_pareto_front_with_the_diffusion_evaluator_writes_the_contact_sheet(
     assert [s["name"] for s in scores] == [r["name"] for r in rows]
     mean = np.mean(scores[1]["scores"]["colourfulness"])
     assert mean == pytest.approx(rows[1]["objectives"]["colourfulness"]["mean"])
+
+
+@pytest.mark.slow
+def test_quickstart_diffusion_smoke_writes_the_front_the_contact_sheet_and_a_pipeline_soup(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from diffusers import DiffusionPipeline
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "qs"
+    done = subprocess.run([sys.executable, "-m", "soups.quickstart", "task=diffusion", "experiment=smoke",
+                           f"output_dir={out}"], cwd=root, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("front.jsonl", "summary.json", "front.png", "lambda_grid.png", "sample_scores.jsonl"):
+        assert (out / "front" / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "front" / "front.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["init", "morl", "expert", "soup", "expert"]
+    assert set(rows[0]["objectives"]) == {"colourfulness", "fidelity"}
+    summary = json.loads((out / "front" / "summary.json").read_text())
+    assert set(summary["hypervolume"]) == {"rs", "morl"} and summary["lmc"]["rows"]
+    conflict = json.loads((out / "diffusion" / "conflict.json").read_text())
+    assert {c["expert"] for c in conflict["conflict"]} == {"colourfulness", "fidelity"}
+    pipe = DiffusionPipeline.from_pretrained(out / "soup")
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert "DiffusionPipeline.from_pretrained" in done.stdout
