@@ -166,17 +166,31 @@ def test_formats_mix_alike_and_kohya_agrees_with_diffusers_loader(world: dict[st
     first = UNet2DConditionModel.from_pretrained(outputs["kohya"], subfolder="unet").state_dict()
     second = UNet2DConditionModel.from_pretrained(outputs["peft"], subfolder="unet").state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
-    # diffusers' own kohya converter on the same file: load, fuse at scale 1, compare with our single-expert mix
+    # diffusers' own kohya converter on the same file plus conv LoRA (a 1×1 proj_in, a 3×3 resnet conv1: kohya's
+    # LoCon): load, fuse at scale 1, compare with our single-expert mix
+    from safetensors.torch import load_file, save_file
+
+    kohya = load_file(str(world["experts"]["a"]["kohya"]))
+    generator = torch.Generator().manual_seed(5)
+    for flat, kernel in (("down_blocks_0_attentions_0_proj_in", 1), ("down_blocks_0_resnets_0_conv1", 3)):
+        kohya[f"lora_unet_{flat}.lora_down.weight"] = torch.randn(2, 32, kernel, kernel, generator=generator)
+        kohya[f"lora_unet_{flat}.lora_up.weight"] = 0.1 * torch.randn(32, 2, 1, 1, generator=generator)
+        kohya[f"lora_unet_{flat}.alpha"] = torch.tensor(1.0)
+    (tmp_path / "conv").mkdir()
+    save_file(kohya, str(tmp_path / "conv" / "lora.safetensors"))
     pipe = DiffusionPipeline.from_pretrained(world["base"])
-    pipe.load_lora_weights(str(world["experts"]["a"]["kohya"].parent), weight_name="lora.safetensors")
+    pipe.load_lora_weights(str(tmp_path / "conv"), weight_name="lora.safetensors")
     pipe.fuse_lora(components=["unet"])
-    ours = mix([str(world["experts"]["a"]["kohya"])], [1.0], tmp_path / "one", base=str(world["base"]),
+    ours = mix([str(tmp_path / "conv" / "lora.safetensors")], [1.0], tmp_path / "one", base=str(world["base"]),
                progress=False).output  # fmt: skip
     mine = UNet2DConditionModel.from_pretrained(ours, subfolder="unet").state_dict()
     fused = {k.replace(".base_layer", ""): v for k, v in pipe.unet.state_dict().items() if "lora_" not in k}
     assert set(fused) == set(mine)
     for key, value in mine.items():
         torch.testing.assert_close(fused[key], value, atol=1e-6, rtol=0)
+    base = _base_unet_state(world["base"])
+    for key in ("down_blocks.0.attentions.0.proj_in.weight", "down_blocks.0.resnets.0.conv1.weight"):
+        assert (mine[key] - base[key]).abs().max() > 1e-3, key  # the conv LoRA did change it
 
 
 def _images(pipe: Any) -> torch.Tensor:
