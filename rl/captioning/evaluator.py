@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from evals.captioning import METRICS, CaptionScorer
+from evals.captioning import METRICS, CaptionScorer, CorpusScores
 from rl.captioning.models import CaptionModel, decode_captions
 from rl.captioning.rewards import REWARDS
 from rl.captioning.task import build_caption_task, load_images
@@ -75,6 +75,7 @@ class CaptioningEvaluator:
         self.device = device
         self.images = load_images(self.samples)
         self.last_captions: list[str] = []
+        self.last_scores: CorpusScores | None = None  # the last evaluate()'s per-image scores (paired tests)
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, ObjectiveStat]:
         """Every objective's corpus score (mean) and bootstrap stderr over the images."""
@@ -88,6 +89,7 @@ class CaptioningEvaluator:
         self.last_captions = captions
         ids = [s["id"] for s in self.samples]
         result = self.scorer.corpus(dict(zip(ids, captions)), {s["id"]: s["refs"] for s in self.samples})
+        self.last_scores = result
         stderr = result.bootstrap_stderr(self.bootstrap)
         n = len(ids)
         return {name: ObjectiveStat(result.scores[REWARDS[name]], stderr[REWARDS[name]], n) for name in self.objectives}

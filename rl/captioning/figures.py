@@ -8,6 +8,10 @@
   (1 − μ)·BLEU1 + μ·ROUGE-L (each min-max normalised over the soups) on the *validation* front, plotted against μ,
   with the *test* score of that λ beside the best test score (what an oracle picking on test would get).
 - **Fig. 6.4(b)** (`metrics_figure`): every metric (min-max normalised) of the test front as a function of λ.
+- **The conflict** (`expert_conflict`): is each expert best, among the experts, on its own metric beyond stderr?
+  The experts caption the SAME test images, so the margin of an expert over a rival is judged with a *paired*
+  bootstrap (`paired_difference_stderr`: both corpus scores recomputed on the same resampled images, BLEU
+  re-aggregated from its n-gram statistics); the independent stderr √(se_a² + se_b²) is reported beside it.
 
 `after_front` is the quickstart's hook (`soups.quickstart_registry.Recipe.after_front`): it evaluates the uniform
 soup and the pair fronts on validation and test with `python -m soups.pareto` (each a subprocess) and writes
@@ -25,11 +29,27 @@ from typing import Any
 
 import numpy as np
 
+from evals.captioning import CorpusScores, bleu_from_stats
 from evals.pareto import hypervolume
 from soups.quickstart_registry import hydra_list, hydra_value
 from soups.utils import SoupsError, write_json
 
-__all__ = ["after_front", "metrics_figure", "pair_hypervolumes", "preference_figure", "read_front", "uniform_table"]
+__all__ = [
+    "after_front",
+    "corpus_statistic",
+    "expert_conflict",
+    "metrics_figure",
+    "pair_hypervolumes",
+    "paired_difference_stderr",
+    "preference_figure",
+    "read_front",
+    "uniform_table",
+]
+
+# Expert (reward) name -> the metric of `evals.captioning` it optimises (as rl.captioning.rewards.REWARDS, which
+# imports torch; this module must not).
+OWN_METRIC = {"bleu1": "bleu1", "bleu2": "bleu2", "bleu3": "bleu3", "bleu4": "bleu4", "meteor": "meteor",
+              "rouge": "rouge_l", "rouge_l": "rouge_l", "cider": "cider"}  # fmt: skip
 
 
 def read_front(front_dir: str | Path) -> list[dict[str, Any]]:
@@ -178,6 +198,130 @@ def metrics_figure(rows: Sequence[Mapping[str, Any]], path: Path) -> dict[str, A
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The conflict: each expert best on its own metric, judged with a paired bootstrap
+# ----------------------------------------------------------------------------------------------------------
+
+
+def corpus_statistic(scores: CorpusScores, metric: str, idx: np.ndarray) -> np.ndarray:
+    """The corpus score of `metric` on each resampled set of images.
+
+    Args:
+        scores: Per-image scores of one captioner (`CaptionScorer.corpus`).
+        metric: A metric of `evals.captioning.METRICS`.
+        idx: int [S, N], row s = the image positions of resample s.
+
+    Returns:
+        [S]: BLEU-k re-aggregated from the resampled n-gram statistics (corpus BLEU is not a mean), any other
+        metric the mean of the resampled per-image scores.
+    """
+    idx = np.asarray(idx)
+    if metric.startswith("bleu"):
+        return bleu_from_stats(scores.bleu_stats[idx].sum(axis=1))[:, int(metric[4:]) - 1]
+    return np.asarray(scores.per_image[metric])[idx].mean(axis=1)
+
+
+def paired_difference_stderr(a: CorpusScores, b: CorpusScores, metric: str, idx: np.ndarray) -> float:
+    """Standard error of score_a − score_b on `metric` when both captioners are scored on the same images:
+    the standard deviation (ddof 1) over the resamples `idx` (int [S, N]) of the difference of the two corpus
+    statistics computed on the SAME resampled images.
+
+    Raises:
+        SoupsError: the two were scored on different images.
+    """
+    if list(a.image_ids) != list(b.image_ids):
+        raise SoupsError("a paired bootstrap needs both captioners scored on the same images in the same order")
+    diff = corpus_statistic(a, metric, idx) - corpus_statistic(b, metric, idx)
+    return float(diff.std(ddof=1))
+
+
+def expert_conflict(results: Mapping[str, CorpusScores], *, samples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Is each expert best, among the experts, on its own metric beyond stderr?
+
+    Args:
+        results: {expert name (a reward: bleu1, bleu4, rouge, meteor, cider): its scores on the test images}.
+        samples: Bootstrap resamples of the images (shared by every pair).
+        seed: Seeds the resamples.
+
+    Returns:
+        {"criterion", "experts": {name: {"metric", "score", "best_rival", "margin" (own score − the best
+        rival's), "paired_stderr", "independent_stderr" (of that margin), "won_paired", "won_independent",
+        "rivals": {rival: {"diff", "paired_stderr", "independent_stderr"}}}}, "wins_paired", "wins_independent",
+        "n_experts", "markdown"}. An expert wins when its margin over EVERY rival exceeds that difference's stderr.
+    """
+    names = list(results)
+    if len(names) < 2:
+        raise SoupsError(f"the conflict needs at least two experts, got {names}")
+    unknown = [n for n in names if n not in OWN_METRIC]
+    if unknown:
+        raise SoupsError(f"experts {unknown} have no own metric; valid: {', '.join(sorted(OWN_METRIC))}")
+    n = len(results[names[0]].image_ids)
+    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    alone = {e: results[e].bootstrap_stderr(samples, seed) for e in names}
+    experts: dict[str, Any] = {}
+    for e in names:
+        metric = OWN_METRIC[e]
+        own = float(results[e].scores[metric])
+        rivals = {}
+        for r in names:
+            if r == e:
+                continue
+            rivals[r] = {"diff": own - float(results[r].scores[metric]),
+                         "paired_stderr": paired_difference_stderr(results[e], results[r], metric, idx),
+                         "independent_stderr": float(np.hypot(alone[e][metric], alone[r][metric]))}  # fmt: skip
+        best = min(rivals, key=lambda r: rivals[r]["diff"])
+        experts[e] = {"metric": metric, "score": own, "best_rival": best, "margin": rivals[best]["diff"],
+                      "paired_stderr": rivals[best]["paired_stderr"],
+                      "independent_stderr": rivals[best]["independent_stderr"],
+                      "won_paired": all(v["diff"] > v["paired_stderr"] for v in rivals.values()),
+                      "won_independent": all(v["diff"] > v["independent_stderr"] for v in rivals.values()),
+                      "rivals": rivals}  # fmt: skip
+    lines = ["| expert | own metric | score | best rival | margin ± paired stderr | ± independent stderr | "
+             "won (paired) | won (independent) |", "|---|---|---:|---|---:|---:|---|---|"]  # fmt: skip
+    for e, v in experts.items():
+        lines.append(f"| {e} | {v['metric']} | {v['score']:.3f} | {v['best_rival']} | {v['margin']:+.4f} ± "
+                     f"{v['paired_stderr']:.4f} | ± {v['independent_stderr']:.4f} | "
+                     f"{'yes' if v['won_paired'] else 'no'} | {'yes' if v['won_independent'] else 'no'} |")
+    wins_p = sum(v["won_paired"] for v in experts.values())
+    wins_i = sum(v["won_independent"] for v in experts.values())
+    return {"criterion": "own-metric margin over every other expert > its stderr (bootstrap over the test images, "
+                         f"{samples} resamples; paired: both scored on the same resampled images)",
+            "experts": experts, "wins_paired": wins_p, "wins_independent": wins_i, "n_experts": len(names),
+            "markdown": "\n".join(lines)}  # fmt: skip
+
+
+def _evaluator_node(overrides: Sequence[str], split: str) -> dict[str, Any]:
+    """The captioning evaluator's config (configs/pareto/evaluator/captioning.yaml) with the `evaluator.*`
+    overrides among `overrides` applied."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.load(Path(__file__).resolve().parents[2] / "configs" / "pareto" / "evaluator" / "captioning.yaml")
+    dots = [o[len("evaluator.") :] for o in overrides if o.startswith("evaluator.")]
+    node = OmegaConf.merge(base, OmegaConf.from_dotlist(dots), {"split": split})
+    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+
+
+def score_experts(models: Mapping[str, str], overrides: Sequence[str], split: str = "test") -> dict[str, CorpusScores]:
+    """Each expert's per-image scores on `split`, captioned as the captioning evaluator of the fronts does."""
+    import torch
+
+    from rl.captioning.evaluator import build_captioning_evaluator
+    from rl.captioning.models import load_captioner
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    paths = list(models.values())
+    evaluator = build_captioning_evaluator(_evaluator_node(overrides, split), experts=paths, device=device)
+    out = {}
+    try:
+        for name, path in models.items():
+            evaluator.evaluate(load_captioner(path, device=device).model)
+            assert evaluator.last_scores is not None
+            out[name] = evaluator.last_scores
+    finally:
+        evaluator.scorer.close()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The quickstart hook
 # ----------------------------------------------------------------------------------------------------------
 
@@ -222,8 +366,14 @@ def after_front(cfg: Any, out: Path) -> dict[str, Any]:
                      f"grid.n_points={len(experts)}", "grid.uniform=true", f"output={uni}", *common],
                     target / "uniform.log")  # fmt: skip
         table = uniform_table(read_front(uni))
-    (target / "uniform_soup.md").write_text(table["markdown"] + "\n")
+    conflict = expert_conflict(score_experts(models, [str(o) for o in node.evaluator]))
+    (target / "uniform_soup.md").write_text(
+        table["markdown"] + "\n\nThe conflict: each expert's own metric against the best other expert (test; "
+        f"{conflict['wins_paired']}/{conflict['n_experts']} won beyond the paired stderr, "
+        f"{conflict['wins_independent']}/{conflict['n_experts']} beyond the independent one):\n\n"
+        + conflict["markdown"] + "\n")  # fmt: skip
     results["uniform"] = {k: v for k, v in table.items() if k != "markdown"}
+    results["conflict"] = {k: v for k, v in conflict.items() if k != "markdown"}
 
     fronts = {}
     for split in ("val", "test"):  # ---- the pair front on validation (to choose λ) and on test (to report)
@@ -240,6 +390,9 @@ def after_front(cfg: Any, out: Path) -> dict[str, Any]:
     write_json(target / "captioning_summary.json", results)
     hv = results["hypervolume_test"]
     print(f"uniform soup of {len(experts)} experts vs init:\n{table['markdown']}")
+    print(f"the conflict (own metric vs the best other expert, test): {conflict['wins_paired']}/{len(experts)} won "
+          f"beyond the paired stderr, {conflict['wins_independent']}/{len(experts)} beyond the independent "
+          f"one:\n{conflict['markdown']}")
     print(f"HV on ({pair[0]}, {pair[1]}), test: rewarded soups {hv['rs']:.4f}"
           + (f" vs MORL {hv['morl']:.4f}" if "morl" in hv else ""))  # fmt: skip
     print(f"figures: {target / 'fig6_4a_lambda_vs_mu.png'}, {target / 'fig6_4b_metrics_vs_lambda.png'}")

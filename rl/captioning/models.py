@@ -1,10 +1,10 @@
 """Captioning models: the embedded tiny VisionEncoderDecoder (built offline from configs) and any HF image-to-text
 model with `generate`, plus the few tensor helpers SCST and cross-entropy training need.
 
-The tiny model is a `VisionEncoderDecoderModel`: a ViT encoder (64×64 images, 8×8 patches) and a GPT-2 decoder
-with cross-attention, over a word-level tokenizer of the scene vocabulary (`rl.captioning.task.scene_words`),
-saved with its image processor so `VisionEncoderDecoderModel.from_pretrained(dir)` plus
-`AutoImageProcessor`/`AutoTokenizer` load it like any Hub captioner (e.g. `nlpconnect/vit-gpt2-image-captioning`).
+The tiny model is a `VisionEncoderDecoderModel`: a ViT encoder (the scenes: 63×63 images in 3×3 patches of 21×21, one
+per grid cell) and a GPT-2 decoder with cross-attention, over a word-level tokenizer of the scene vocabulary
+(`rl.captioning.task.scene_words`), saved with its image processor so `VisionEncoderDecoderModel.from_pretrained(dir)`
+plus `AutoImageProcessor`/`AutoTokenizer` load it like any Hub captioner (e.g. `nlpconnect/vit-gpt2-image-captioning`).
 """
 
 from __future__ import annotations

@@ -1,19 +1,23 @@
 """Caption data: the embedded procedural scenes (offline, deterministic) and the Karpathy split of COCO.
 
-**Procedural scenes** (`task=scenes`, the default): 64×64 RGB images with 1 to `max_shapes` coloured shapes
-(square, circle, triangle) in cells of a 3×3 grid, each with 5 reference captions drawn from several templates
-with synonyms ("square" / "box" / "block"), paraphrases ("on the left" / "at the left side") and word order
-changes. The metrics then disagree, as on COCO: BLEU-4 rewards the most common exact 4-grams, ROUGE-L long
-common subsequences, CIDEr-D n-grams that are consensual across the references but rare across images, and
-METEOR synonyms and stems. Captions are lower-case words without punctuation, so the pure-Python tokenizer
-gives what the PTB tokenizer would (the reward then needs no JVM per step).
+**Procedural scenes** (`task=scenes`, the default): 63×63 RGB images with 1 to `max_shapes` coloured shapes
+(square, circle, triangle) in cells of a 3×3 grid, each with 5 reference captions of mixed lengths, as COCO's
+references are: the first is short ("red box"), the others medium ("a red square on the left"), long ("there is a
+small red block at the left side in the picture") or very long ("the image shows a small red square to the left
+on a white background"), with weighted synonyms ("square" / "box" / "block") and paraphrases ("on the left" /
+"at the left side"). The metrics then prefer different captions, as on COCO: BLEU-1 (clipped precision with a
+brevity penalty against the closest reference length) short captions of safe words, METEOR (recall-weighted)
+long ones, ROUGE-L, BLEU-4 (exact 4-grams) and CIDEr-D (tf-idf consensus over all references, length penalty)
+medium ones with or without the optional words. Captions are lower-case words without punctuation, so the
+pure-Python tokenizer gives what the PTB tokenizer would (the reward then needs no JVM per step).
 
 **Karpathy split** (`task=karpathy`): `dataset_coco.json` (Karpathy & Fei-Fei's split file: images with
 `filepath`, `filename`, `split` in train/restval/val/test, `sentences[].raw`) plus the COCO images directory;
 `restval` joins train, as in the captioning literature.
 
 A sample is a dict: `id` (int or str), `refs` (list of reference captions), and either `image` (uint8 [H, W, 3])
-or `path` (an image file, read when a batch needs it).
+or `path` (an image file, read when a batch needs it); a scene also lists its `objects` as (shape, colour,
+(row, column) phrase key) tuples, left to right.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numpy as np
 from soups.utils import SoupsError
 
 __all__ = [
+    "CAPTIONS_VERSION",
     "CaptionTask",
     "ScenesConfig",
     "build_caption_task",
@@ -42,9 +47,11 @@ __all__ = [
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
            "purple": (150, 60, 190)}  # fmt: skip
 SHAPES = ("square", "circle", "triangle")
-SHAPE_SYNONYMS = {"square": ("square", "box", "block"), "circle": ("circle", "disc", "ball"),
-                  "triangle": ("triangle", "wedge", "triangle")}  # fmt: skip
-# Cells of the 3×3 grid (row, column) and their phrases: (canonical, paraphrases).
+# Each shape's names with their weights in the references: a common word and rarer synonyms.
+SHAPE_SYNONYMS = {"square": (("square", 5), ("box", 3), ("block", 2)),
+                  "circle": (("circle", 5), ("disc", 3), ("ball", 2)),
+                  "triangle": (("triangle", 6), ("wedge", 4))}  # fmt: skip
+# Cells of the 3×3 grid (row, column) and their phrases (three paraphrases each, drawn uniformly).
 _ROWS = ("top", "middle", "bottom")
 _COLS = ("left", "centre", "right")
 PLACE_PHRASES = {
@@ -53,21 +60,28 @@ PLACE_PHRASES = {
     ("middle", "centre"): ("in the middle", "at the centre", "in the centre"),
     ("top", "centre"): ("at the top", "near the top", "up at the top"),
     ("bottom", "centre"): ("at the bottom", "near the bottom", "down at the bottom"),
-    ("top", "left"): ("in the top left corner", "at the top left", "up on the left"),
-    ("top", "right"): ("in the top right corner", "at the top right", "up on the right"),
-    ("bottom", "left"): ("in the bottom left corner", "at the bottom left", "down on the left"),
-    ("bottom", "right"): ("in the bottom right corner", "at the bottom right", "down on the right"),
+    ("top", "left"): ("in the top left", "at the top left", "up on the left"),
+    ("top", "right"): ("in the top right", "at the top right", "up on the right"),
+    ("bottom", "left"): ("in the bottom left", "at the bottom left", "down on the left"),
+    ("bottom", "right"): ("in the bottom right", "at the bottom right", "down on the right"),
 }
-_NUMBERS = {2: "two", 3: "three"}
+# Reference templates after the first (always short) one, with their weights: short "red box", medium
+# "a red box on the left", long "there is a small red box on the left in the picture", very long "the image
+# shows a small red box on the left on a white background".
+TEMPLATES = (("short", 10), ("medium", 40), ("long", 30), ("very_long", 20))
+# Bumped whenever the captions a seed gives change: part of the cached XE init's settings, so an init built on
+# other references is refused.
+CAPTIONS_VERSION = 2
 
 
 def scene_words() -> list[str]:
     """Every word a scene caption can use (the embedded tokenizer's vocabulary), sorted."""
     words = {"a", "an", "and", "there", "is", "the", "image", "shows", "picture", "of", "with", "shapes", "are",
-             "two", "three", "here", "we", "see", "in", "next", "to", "small", "coloured"}  # fmt: skip
+             "two", "three", "here", "we", "see", "in", "next", "to", "small", "coloured", "on", "white",
+             "background"}  # fmt: skip
     words.update(COLOURS)
     for names in SHAPE_SYNONYMS.values():
-        words.update(names)
+        words.update(name for name, _ in names)
     for phrases in PLACE_PHRASES.values():
         for phrase in phrases:
             words.update(phrase.split())
@@ -93,7 +107,7 @@ class ScenesConfig:
     n_val: int = 200
     n_test: int = 200
     max_shapes: int = 2
-    image_size: int = 64
+    image_size: int = 63
     n_refs: int = 5
 
     def __post_init__(self) -> None:
@@ -124,34 +138,40 @@ def _draw(image: np.ndarray, shape: str, colour: tuple[int, int, int], row: int,
     image[mask] = colour
 
 
-def _phrase(shape: str, colour: str, place: tuple[str, str], rng: random.Random, exact: bool) -> str:
-    name = shape if exact else rng.choice(SHAPE_SYNONYMS[shape])
-    where = PLACE_PHRASES[place][0 if exact else rng.randrange(3)]
-    return f"a {colour} {name} {where}"
+def _shape_name(shape: str, rng: random.Random) -> str:
+    names, weights = zip(*SHAPE_SYNONYMS[shape])
+    return rng.choices(names, weights)[0]
+
+
+def _caption(objects: Sequence[tuple[str, str, tuple[str, str]]], template: str, rng: random.Random) -> str:
+    """One reference of a scene in one template (objects described left to right, joined by "and")."""
+    if template == "short":
+        return " and ".join(f"{colour} {_shape_name(shape, rng)}" for shape, colour, _ in objects)
+    size = "" if template == "medium" else "small "
+    body = " and ".join(f"a {size}{colour} {_shape_name(shape, rng)} {rng.choice(PLACE_PHRASES[place])}"
+                        for shape, colour, place in objects)  # fmt: skip
+    if template == "long":
+        return f"there is {body} in the picture"
+    if template == "very_long":
+        return f"the image shows {body} on a white background"
+    return body
 
 
 def _captions(objects: Sequence[tuple[str, str, tuple[str, str]]], n: int, rng: random.Random) -> list[str]:
-    """`n` different reference captions of one scene: a canonical one, then templates with synonyms."""
+    """`n` different reference captions of one scene: a short one ("red box"), then templates of every length.
+
+    The metrics' best captions then differ, as on COCO: BLEU-1 (clipped precision, brevity penalty against the
+    closest reference length) is highest for short captions of safe words; METEOR (recall-weighted, α = 0.9)
+    for long ones; ROUGE-L (LCS F-measure, β = 1.2), BLEU-4 (exact 4-grams) and CIDEr-D (tf-idf consensus over
+    all references, length penalty) for medium ones with or without the frequent optional words.
+    """
+    names, weights = zip(*TEMPLATES)
     out: list[str] = []
     tries = 0
     while len(out) < n and tries < 50 * n:
         tries += 1
-        exact = not out  # the first reference is canonical: a consensus the other four share n-grams with
-        order = list(objects) if exact or rng.random() < 0.6 else rng.sample(list(objects), len(objects))
-        parts = [_phrase(s, c, p, rng, exact) for s, c, p in order]
-        body = " and ".join(parts)
-        template = 0 if exact else rng.randrange(5)
-        if template == 0:
-            text = body
-        elif template == 1:
-            text = f"there is {body}"
-        elif template == 2:
-            text = f"the image shows {body}"
-        elif template == 3:
-            text = f"a picture of {body}" if len(objects) == 1 else f"{_NUMBERS[len(objects)]} shapes {body}"
-        else:
-            text = " and ".join(f"a {c} {rng.choice(SHAPE_SYNONYMS[s])}" for s, c, _ in order)
-            text += " " + " and ".join(PLACE_PHRASES[p][rng.randrange(3)] for _, _, p in order)
+        template = "short" if not out else rng.choices(names, weights)[0]
+        text = _caption(objects, template, rng)
         if text not in out:
             out.append(text)
     return out
@@ -175,7 +195,8 @@ def generate_scenes(cfg: ScenesConfig, split: str) -> list[dict[str, Any]]:
             shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
             _draw(image, shape, COLOURS[colour], row, col, rng)
             objects.append((shape, colour, (_ROWS[row], _COLS[col])))
-        samples.append({"id": f"{split}-{i}", "image": image, "refs": _captions(objects, cfg.n_refs, rng)})
+        samples.append({"id": f"{split}-{i}", "image": image, "refs": _captions(objects, cfg.n_refs, rng),
+                        "objects": objects})
     return samples
 
 

@@ -28,7 +28,7 @@ from rl.captioning.models import (
     model_kwargs,
     tiny_image_processor,
 )
-from rl.captioning.task import CaptionTask, build_caption_task, load_images
+from rl.captioning.task import CAPTIONS_VERSION, CaptionTask, build_caption_task, load_images
 from soups.utils import SoupsError, atomic_dir, seed_everything, write_json
 
 __all__ = ["build_captioner", "ensure_xe_init", "start_token", "step_images", "caption_tokens", "xe_train"]
@@ -127,9 +127,10 @@ def build_captioner(cfg: Mapping[str, Any], *, seed: int, device: torch.device) 
 
 def ensure_xe_init(cfg: DictConfig, *, device: torch.device, progress: bool) -> Path:
     """The embedded XE init directory (`model.init_dir`), built once (atomically) with this config's `xe`,
-    `task` and `model.tiny` settings; an existing one built with other settings is refused."""
+    `task` and `model.tiny` settings and the scenes' `CAPTIONS_VERSION`; an existing one built with other settings
+    (or on other references) is refused."""
     settings = {"xe": _resolve(cfg.xe), "task": _resolve(cfg.task), "tiny": _resolve(cfg.model.tiny),
-                "seed": int(cfg.model.init_seed)}  # fmt: skip
+                "seed": int(cfg.model.init_seed), "captions_version": CAPTIONS_VERSION}  # fmt: skip
     target = Path(str(cfg.model.init_dir)).absolute()
     info = target / "xe_info.json"
     if info.is_file():

@@ -19,7 +19,15 @@ from safetensors.torch import load_file
 from rl import train_captioning
 from rl.captioning.models import build_scene_tokenizer, decode_captions, sequence_mask
 from rl.captioning.rewards import build_caption_rewards, greedy_baseline, leave_one_out_baseline, scst_loss
-from rl.captioning.task import ScenesConfig, build_caption_task, generate_scenes, load_karpathy, scene_words
+from rl.captioning.task import (
+    CAPTIONS_VERSION,
+    PLACE_PHRASES,
+    ScenesConfig,
+    build_caption_task,
+    generate_scenes,
+    load_karpathy,
+    scene_words,
+)
 from soups.utils import SoupsError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,11 +95,31 @@ def test_scenes_are_deterministic_with_five_distinct_references() -> None:
     vocab = set(scene_words())
     for s in a:
         assert len(set(s["refs"])) == 5
-        assert s["image"].shape == (64, 64, 3) and s["image"].dtype == np.uint8
+        assert s["image"].shape == (63, 63, 3) and s["image"].dtype == np.uint8
         assert (s["image"] != 245).any()  # at least one shape is drawn
         assert {w for r in s["refs"] for w in r.split()} <= vocab
     tok = build_scene_tokenizer()
     assert tok.unk_token_id not in tok(a[0]["refs"][0], add_special_tokens=False)["input_ids"]
+
+
+def test_scene_references_mix_lengths_so_the_metrics_prefer_different_captions() -> None:
+    """The first reference is short ("red box"), the others mix medium, long and very long templates; against
+    them a short caption of safe words wins BLEU-1, a long one METEOR's recall, a medium one ROUGE-L."""
+    from evals.captioning import CaptionScorer
+
+    samples = generate_scenes(ScenesConfig(n_train=1, n_val=1, n_test=60, max_shapes=1), "test")
+    lengths = [len(r.split()) for s in samples for r in s["refs"]]
+    assert all(len(s["refs"][0].split()) == 2 for s in samples) and max(lengths) >= 10
+    name = {"square": "square", "circle": "circle", "triangle": "triangle"}
+    where = {p: phrases[0] for p, phrases in PLACE_PHRASES.items()}
+    styles = {"short": lambda s, c, p: f"a {c} {name[s]}", "medium": lambda s, c, p: f"a {c} {name[s]} {where[p]}",
+              "long": lambda s, c, p: f"there is a small {c} {name[s]} {where[p]} in the picture"}  # fmt: skip
+    refs = {s["id"]: s["refs"] for s in samples}
+    with CaptionScorer(["bleu1", "rouge_l"], tokenizer="simple") as scorer:
+        got = {k: scorer.corpus({s["id"]: f(*s["objects"][0]) for s in samples}, refs).scores
+               for k, f in styles.items()}  # fmt: skip
+    assert max(got, key=lambda k: got[k]["bleu1"]) == "short"
+    assert max(got, key=lambda k: got[k]["rouge_l"]) == "medium"
 
 
 def test_karpathy_loader(tmp_path: Path) -> None:
@@ -207,6 +235,14 @@ def test_xe_init_built_with_other_settings_is_refused(tmp_path: Path, init_dir: 
     with pytest.raises(SoupsError, match="built with other settings"):
         train_captioning.ensure_xe_init(_cfg(tmp_path, init_dir, "xe.steps=7"), device=torch.device("cpu"),
                                         progress=False)  # fmt: skip
+    # an init built on the scenes' earlier references (same settings, no captions_version) is refused too
+    info = json.loads((init_dir / "xe_info.json").read_text())
+    assert info["settings"].pop("captions_version") == CAPTIONS_VERSION
+    stale = tmp_path / "stale_init"
+    stale.mkdir()
+    (stale / "xe_info.json").write_text(json.dumps(info))
+    with pytest.raises(SoupsError, match="built with other settings"):
+        train_captioning.ensure_xe_init(_cfg(tmp_path, stale), device=torch.device("cpu"), progress=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,3 +337,64 @@ def test_quickstart_captioning_smoke_writes_the_front_and_a_loadable_soup(tmp_pa
     summary = json.loads((out / "captioning" / "captioning_summary.json").read_text())
     assert set(summary["uniform"]["soup_beats_init"]) == {"bleu1", "bleu4", "rouge", "meteor", "cider"}
     assert len(summary["fig_6_4a"]["lambda_val"]) == 11 and "rs" in summary["hypervolume_test"]
+    conflict = summary["conflict"]  # the smoke experts: the table is written, whatever they learnt
+    assert set(conflict["experts"]) == {"bleu1", "rouge", "cider"} and conflict["n_experts"] == 3
+    assert conflict["experts"]["rouge"]["metric"] == "rouge_l"
+    assert "won (paired)" in (out / "captioning" / "uniform_soup.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The conflict: paired bootstrap of the experts' own-metric margins (rl/captioning/figures.py)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _scores(per_image: dict[str, list[float]], bleu_stats: list[list[float]] | None = None):
+    from evals.captioning import CorpusScores
+
+    n = len(next(iter(per_image.values())))
+    arrays = {m: np.asarray(v, dtype=float) for m, v in per_image.items()}
+    stats = np.asarray(bleu_stats, dtype=float) if bleu_stats is not None else np.zeros((n, 10))
+    return CorpusScores({m: float(v.mean()) for m, v in arrays.items()}, arrays, list(range(n)), stats)
+
+
+def test_paired_difference_stderr_hand_worked() -> None:
+    from rl.captioning.figures import corpus_statistic, paired_difference_stderr
+
+    a, b = _scores({"rouge_l": [1, 0, 1]}), _scores({"rouge_l": [0, 0, 1]})
+    idx = np.array([[0, 1, 2], [1, 1, 2], [0, 0, 0]])
+    # a: 2/3, 1/3, 1; b: 1/3, 1/3, 0; differences 1/3, 0, 1: mean 4/9, deviations -1/9, -4/9, 5/9 -> sd √21 / 9
+    assert corpus_statistic(a, "rouge_l", idx) == pytest.approx([2 / 3, 1 / 3, 1])
+    assert paired_difference_stderr(a, b, "rouge_l", idx) == pytest.approx(21**0.5 / 9)
+    # BLEU-1 is re-aggregated: [testlen, reflen, guess1..4, correct1..4] summed over the resampled images.
+    # a matches 2/2 and 1/2 unigrams, b 1/2 and 1/2; resamples {0,1}, {0,0}, {1,1}: a 3/4, 1, 1/2; b 1/2 each;
+    # differences 1/4, 1/2, 0 -> sd 1/4.
+    row = lambda c: [2, 2, 2, 1, 0, 0, c, 0, 0, 0]  # noqa: E731
+    a, b = _scores({"bleu1": [1, 0.5]}, [row(2), row(1)]), _scores({"bleu1": [0.5, 0.5]}, [row(1), row(1)])
+    idx = np.array([[0, 1], [0, 0], [1, 1]])
+    assert corpus_statistic(a, "bleu1", idx) == pytest.approx([0.75, 1.0, 0.5], abs=1e-6)
+    assert paired_difference_stderr(a, b, "bleu1", idx) == pytest.approx(0.25, abs=1e-6)
+    with pytest.raises(SoupsError, match="same images"):
+        c = _scores({"rouge_l": [1, 0]})
+        c.image_ids = [5, 6]
+        paired_difference_stderr(c, _scores({"rouge_l": [1, 0]}), "rouge_l", np.array([[0, 1]]))
+
+
+def test_expert_conflict_judges_each_own_metric_against_every_rival() -> None:
+    from rl.captioning.figures import expert_conflict
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.3, 0.9, size=200)  # per-image difficulty shared by every expert: pairing removes it
+    shift = {"rouge": (0.01, 0.0), "cider": (0.0, 0.0), "meteor": (0.0, 0.0)}  # (rouge_l, cider) offsets
+    results = {e: _scores({"rouge_l": list(base + dr), "cider": list(2 * base + dc), "meteor": list(base)})
+               for e, (dr, dc) in shift.items()}  # fmt: skip
+    out = expert_conflict(results, samples=300, seed=1)
+    rouge = out["experts"]["rouge"]
+    assert rouge["metric"] == "rouge_l" and rouge["margin"] == pytest.approx(0.01)
+    # a constant shift on the same images: the paired stderr is 0, the independent one is not
+    assert rouge["paired_stderr"] == pytest.approx(0.0, abs=1e-12) and rouge["independent_stderr"] > 0.01
+    assert rouge["won_paired"] and not rouge["won_independent"]
+    assert not out["experts"]["cider"]["won_paired"]  # tied with the rouge and meteor experts
+    assert out["wins_paired"] == 1 and out["wins_independent"] == 0 and out["n_experts"] == 3
+    assert "| rouge | rouge_l |" in out["markdown"]
+    with pytest.raises(SoupsError, match="no own metric"):
+        expert_conflict({"spice": results["rouge"], "rouge": results["rouge"]})
