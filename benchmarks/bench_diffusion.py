@@ -110,6 +110,7 @@ def bench_train_ours(init: Path, tmp: Path, *, batch: int, steps: int) -> float:
     from rl.train_diffusion import train
 
     overrides = [f"model.name_or_path={init}", f"output_dir={tmp / 'rwr'}", "reward=colourfulness",
+                 "reward.objectives=[colourfulness]",
                  f"rwr.n_images={2 * batch}", f"rwr.batch_size={batch}", "rwr.inference_steps=4",
                  f"rwr.steps={steps}", f"rwr.train_batch_size={batch}", "checkpoint.every=0", "logging.log_with=[]",
                  "logging.progress_bar=false", "overwrite=true", "device=cpu"]  # fmt: skip
