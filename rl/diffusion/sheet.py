@@ -89,7 +89,9 @@ def save_contact_sheet(
         raise SoupsError(f"contact sheet: {len(row_labels)} row labels and {len(col_labels)} column labels for a "
                          f"{rows}×{cols} grid")  # fmt: skip
     dpi = 100
-    left_px, top_px = 110, 60 + (20 if title else 0)  # room for the labels, in pixels
+    longest = max((len(line) for label in row_labels for line in str(label).split("\n")), default=0)
+    left_px = 16 + int(5.5 * longest)  # room for the row labels (7 pt ≈ 5.5 px per character at 100 dpi)
+    top_px = 60 + (20 if title else 0)  # room for the column labels and the title
     fig_w, fig_h = (sheet.shape[1] + left_px + 10) / dpi, (sheet.shape[0] + top_px + 10) / dpi
     fig = plt.figure(figsize=(fig_w, fig_h), dpi=dpi)
     ax = fig.add_axes((left_px / dpi / fig_w, 10 / dpi / fig_h, sheet.shape[1] / dpi / fig_w,
