@@ -3,16 +3,50 @@
 An `ImageReward` has a `name` and is called as `reward(images, prompts)`: images float32 Tensor[B, 3, H, W] in
 [0, 1] (what a diffusers pipeline returns with `output_type="pt"`), prompts B strings; it returns float32
 Tensor[B] on the images' device. Non-finite values are NOT filtered here (an image holding NaN scores NaN): the
-trainer's `RewardSet` check stops the run on them.
+trainer's `RewardSet` check stops the run on them. Model rewards see images as 8-bit (`to_uint8`, as trl's DDPO
+scorers and saved PNGs do) through the model's own Hub processor.
 
-`build_reward(name, cfg, device=...)` builds one from the registry `REWARDS` (an unknown name lists the valid
-ones); `build_reward_set(cfg, device=...)` builds a run's objectives and scalarisation as the shared `RewardSet`
-(rl/text/rewards.py, re-exported by rl/runtime.py), whose `(samples, responses)` call takes `(images, prompts)`.
+`build_reward(name, cfg, device=...)` builds one from the registry `REWARDS` (an unknown name or option lists the
+valid ones); `build_reward_set(cfg, device=...)` builds a run's objectives and scalarisation as the shared
+`RewardSet` (rl/text/rewards.py, re-exported by rl/runtime.py), whose `(samples, responses)` call takes
+`(images, prompts)`. Configs: configs/train_diffusion/reward/*.yaml.
 
-Embedded rewards (offline, the default task):
+Embedded rewards (offline, the default task; they conflict on purpose):
 - `colourfulness`: Hasler & Süsstrunk (2003), "Measuring colourfulness in natural images", a rule on 0..255 RGB:
   rg = R − G, yb = ½(R + G) − B, M = sqrt(σ_rg² + σ_yb²) + 0.3·sqrt(μ_rg² + μ_yb²), per image (population σ over
-  the pixels). A grey image scores 0, a uniform red one 0.3·|(255, 127.5)| = 85.5.
+  the pixels). A grey image scores 0, a uniform red one 0.3·|(255, 127.5)| = 85.5. (pyimagesearch's popular
+  version takes |R − G| and |yb|, which changes σ and μ; the paper's signed differences are used here.)
+- `fidelity`: PickScore's score exp(logit_scale)·cos(image, prompt) under a tiny `CLIPModel` (ViT 16×16 images,
+  patch 4; text tower on the tiny tokenizer of `rl.diffusion.models`) trained contrastively on `generate_scenes`
+  (`ensure_fidelity_model`: cached with `save_pretrained` beside its `CLIPProcessor` and `fidelity_info.json`,
+  atomically, refused when built with other settings) and loaded by `load_clip`, the code `pickscore` takes. On a
+  dull prompt ("a grey square on a white background") it prefers the right dull scene to the same scene
+  recoloured vividly, which colourfulness prefers: the two rewards pull apart.
+
+Hub presets (each id and head checked with the project's search tool; sources in brackets):
+- `ava`: the LAION aesthetic predictor v2 ("improved-aesthetic-predictor", C. Schuhmann), the thesis' ava reward:
+  the image embedding of CLIP ViT-L/14 (`openai/clip-vit-large-patch14`, 768-d, L2-normalised) into an MLP
+  Linear(768, 1024), Dropout(0.2), Linear(1024, 128), Dropout(0.2), Linear(128, 64), Dropout(0.1), Linear(64, 16),
+  Linear(16, 1), with no activations (keys `layers.{0,2,4,6,7}`). The weights `sac+logos+ava1-l14-linearMSE.pth`
+  are on the Hub as `trl-lib/ddpo-aesthetic-predictor` / `aesthetic-model.pth` (3.71 MB, a pickled OrderedDict of
+  tensors; that repo's history shows the upload of sac+logos+ava1-l14-linearMSE.pth renamed to
+  aesthetic-model.pth; its README points to improved-aesthetic-predictor) [huggingface.co/trl-lib/
+  ddpo-aesthetic-predictor; trl's examples/scripts/ddpo.py `MLP` and `AestheticScorer`; the
+  improved-aesthetic-predictor README]. Read with `torch.load(weights_only=True)` (or a .safetensors file).
+- `cafe`: `cafeai/cafe_aesthetic`, a BEiT image classifier (`BeitForImageClassification`, Hub tags "beit",
+  "Image Classification"), labels {0: "aesthetic", 1: "not_aesthetic"}; its score is the softmax probability (or
+  the logit) of "aesthetic", the index looked up in `label2id` [huggingface.co/cafeai/cafe_aesthetic; its demo
+  Space and users' code reading `pipeline("image-classification", "cafeai/cafe_aesthetic")`].
+- `pickscore`: `yuvalkirstain/PickScore_v1` (AutoModel) with the processor of
+  `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` (AutoProcessor); score exp(logit_scale)·cos(text, image) of the
+  L2-normalised `get_text_features` / `get_image_features` [the PickScore v1 model card's code].
+- `clipscore`: any CLIP model; CLIPScore = w·max(cos, 0), w = 2.5 (Hessel et al. 2021); torchmetrics' `CLIPScore`
+  is the same with w = 100 (tested against it).
+- Not provided: `imagereward` and `hps`. Neither package (`image-reward`, `hpsv2`) is installed here, and neither
+  loads from a model built from a config: ImageReward's BLIP loader needs `ImageReward.pt` and `med_config.json`
+  from `THUDM/ImageReward` and the `bert-base-uncased` tokenizer, HPS v2 an open_clip ViT-H-14 plus
+  `xswu/HPSv2`'s checkpoint, all fixed full-size architectures, so their loading code could not be tested offline
+  on a tiny model as every preset here is.
 """
 
 from __future__ import annotations
@@ -24,7 +58,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -48,6 +82,7 @@ __all__ = [
     "build_reward_set",
     "check_images",
     "colourfulness",
+    "conflict_on_scenes",
     "ensure_fidelity_model",
     "load_clip",
     "resolve_device",
@@ -584,7 +619,12 @@ def ensure_fidelity_model(
             raise SoupsError(f"fidelity model: {target} was built with settings {built}, not {asdict(cfg)}; remove "
                              "it or choose another reward.dir")  # fmt: skip
         return target
-    model, processor, info = train_fidelity_model(cfg, show_progress=show_progress)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 150k-parameter model: more threads only contend (2 threads on 2 loaded cores: 10×
+    try:  # slower in CPU time than 1), and the result does not depend on it
+        model, processor, info = train_fidelity_model(cfg, show_progress=show_progress)
+    finally:
+        torch.set_num_threads(threads)
     for key, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise SoupsError(f"fidelity model: tensor {key} is not finite after training; not saved")
@@ -597,6 +637,48 @@ def ensure_fidelity_model(
         if not info_path.exists():  # another process published the same build first
             raise
     return target
+
+
+def conflict_on_scenes(fidelity: ImageReward, colour: ImageReward, *, n_scenes: int = 2000, seed: int = 5,
+                       size: int = 16) -> dict[str, Any]:  # fmt: skip
+    """The embedded rewards' conflict on rendered scenes: each all-dull scene of `generate_scenes(n_scenes, seed)`
+    (shape and background in white, grey, black, brown) against the same scene recoloured with a random vivid shape
+    colour and another vivid background, both scored on the dull scene's prompt.
+
+    Returns:
+        {"pairs": n, "fidelity_right"/"fidelity_recoloured"/"colourfulness_right"/"colourfulness_recoloured": mean
+        scores, "fidelity_prefers_right"/"colourfulness_prefers_recoloured": fractions of pairs,
+        "fidelity_gap_stderr": the stderr of the paired fidelity difference}.
+    """
+    from rl.diffusion.task import caption, generate_scenes, render
+
+    dull_names = ("white", "grey", "black", "brown")
+    vivid_names = ("red", "green", "blue", "yellow", "purple", "orange")
+    rng = random.Random(f"conflict/{seed}")
+    dull = [s["scene"] for s in generate_scenes(n_scenes, seed, size)
+            if s["scene"].colour in dull_names and s["scene"].background in dull_names]  # fmt: skip
+    if not dull:
+        raise SoupsError(f"conflict_on_scenes: no all-dull scene among {n_scenes}; draw more")
+    vivid = []
+    for scene in dull:
+        shape_colour = rng.choice(vivid_names)
+        background = rng.choice([v for v in vivid_names if v != shape_colour])
+        vivid.append(replace(scene, colour=shape_colour, background=background))
+
+    def batch(scenes: Sequence[Any]) -> torch.Tensor:
+        return torch.stack([torch.from_numpy(render(s, size)).permute(2, 0, 1) for s in scenes]).float() / 255
+
+    right, recoloured, prompts = batch(dull), batch(vivid), [caption(s) for s in dull]
+    fr, fv = fidelity(right, prompts).double(), fidelity(recoloured, prompts).double()
+    cr, cv = colour(right, prompts).double(), colour(recoloured, prompts).double()
+    gap = fr - fv
+    return {
+        "pairs": len(dull), "fidelity_right": fr.mean().item(), "fidelity_recoloured": fv.mean().item(),
+        "colourfulness_right": cr.mean().item(), "colourfulness_recoloured": cv.mean().item(),
+        "fidelity_prefers_right": (gap > 0).double().mean().item(),
+        "colourfulness_prefers_recoloured": (cv > cr).double().mean().item(),
+        "fidelity_gap_stderr": (gap.std() / len(dull) ** 0.5).item() if len(dull) > 1 else float("nan"),
+    }  # fmt: skip
 
 
 @REWARDS.register("fidelity")
