@@ -19,7 +19,6 @@ import contextlib
 import json
 import math
 import sys
-import textwrap
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -118,6 +117,8 @@ def build_tiny_pipeline(
     max_length: int = 16,
     vae_width: int = 32,
     vae_attention: bool = True,
+    attention_heads: int = 8,
+    full_resolution_attention: bool = True,
 ) -> Any:
     """The tiny text-to-image pipeline, randomly initialised from `seed` (see the module docstring).
 
@@ -131,6 +132,11 @@ def build_tiny_pipeline(
         vae_width: The VAE's channels (its one block's width).
         vae_attention: Whether the VAE's mid blocks have self-attention (Stable Diffusion's do; the 16×16 scenes
             need none, and it is a sixth of a VAE step's cost).
+        attention_heads: The UNet's attention heads per block (diffusers' `attention_head_dim`, which is, for
+            this UNet, the number of heads).
+        full_resolution_attention: Whether the outermost UNet blocks (at the image's resolution) have
+            transformer (self- and cross-attention) layers; without, they are plain ResNet blocks
+            (`DownBlock2D`/`UpBlock2D`) and only the lower resolutions attend, three times cheaper to train.
 
     Returns:
         A `StableDiffusionPipeline` on CPU in float32, without safety checker.
@@ -139,6 +145,9 @@ def build_tiny_pipeline(
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_tokenizer(words, max_length)
+    down = ["CrossAttnDownBlock2D"] * len(block_out_channels)
+    if not full_resolution_attention:
+        down[0] = "DownBlock2D"
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=image_size,
@@ -146,10 +155,10 @@ def build_tiny_pipeline(
         out_channels=4,
         block_out_channels=tuple(block_out_channels),
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * len(block_out_channels),
-        up_block_types=("CrossAttnUpBlock2D",) * len(block_out_channels),
+        down_block_types=down,
+        up_block_types=tuple(reversed([kind.replace("Down", "Up") for kind in down])),
         cross_attention_dim=text_width,
-        attention_head_dim=8,
+        attention_head_dim=attention_heads,
         norm_num_groups=8,
     )
     text_encoder = CLIPTextModel(
@@ -205,7 +214,7 @@ def build_tiny_pipeline(
 
 @contextlib.contextmanager
 def _quiet_loading(progress: bool) -> Iterator[None]:
-    """diffusers' and transformers' weight-loading bars off unless `progress` and stderr is a terminal."""
+    """diffusers' and transformers' weight loading/saving bars off unless `progress` and stderr is a terminal."""
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
@@ -505,6 +514,7 @@ def denoising_loss(
     latents: torch.Tensor,
     text_states: torch.Tensor,
     generator: torch.Generator | None = None,
+    offset_noise: float = 0.0,
 ) -> torch.Tensor:
     """The ε-prediction denoising loss per sample: ‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t, c)‖² averaged over pixels.
 
@@ -514,13 +524,19 @@ def denoising_loss(
         latents: Clean latents x0, float [B, C, h, w] (already times the VAE's scaling factor).
         text_states: The conditioning, float [B, T, D] (`encode_prompts`).
         generator: Draws t ~ U{0, …, T−1} and ε (on the CPU, then moved), for reproducibility.
+        offset_noise: ε gets `offset_noise` × a per-(sample, channel) constant N(0, 1) (offset noise, Guttenberg
+            2023): the model must then learn each image's mean colour from the prompt, which plain white noise
+            barely trains (the mean is 1 of the C·h·w directions of ε). 0 is the plain DDPM loss.
 
     Returns:
         float [B], the per-sample loss (weight it, then average).
     """
     batch = latents.shape[0]
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents)
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    if offset_noise:
+        noise = noise + offset_noise * torch.randn(batch, latents.shape[1], 1, 1, generator=generator)
+    noise = noise.to(latents)
     t = t.to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
     pred = unet(noisy, t, encoder_hidden_states=text_states).sample
@@ -540,22 +556,25 @@ INIT_DEFAULTS: dict[str, Any] = {
     "text_width": 32,
     "vae_width": 16,
     "vae_attention": False,
+    "attention_heads": 2,
+    "full_resolution_attention": False,
     # (a) the VAE, trained as an autoencoder on fresh scenes: steps, batch, learning rate, KL weight
-    "vae_steps": 150,
+    "vae_steps": 300,
     "vae_batch": 32,
-    "vae_lr": 2e-3,
+    "vae_lr": 3e-3,
     "vae_kl": 1e-6,
     # (b) UNet + text encoder on the denoising loss: steps, batch, peak learning rate (warm-up then cosine to
     # 10%), and the fraction of captions replaced by "" so classifier-free guidance works
-    "unet_steps": 300,
+    "unet_steps": 800,
     "unet_batch": 32,
     "unet_lr": 2e-3,
     "caption_dropout": 0.1,
+    "offset_noise": 0.1,  # see denoising_loss
     # (c) the check: held-out prompts (scene_prompts from check_seed), DDIM steps and guidance scale
     "check_prompts": 32,
     "check_seed": 7_919,
     "check_steps": 20,
-    "guidance_scale": 4.0,
+    "guidance_scale": 3.0,
 }
 """The full init's settings (the quickstart's): about 4 minutes on 2 CPU cores."""
 
@@ -677,7 +696,8 @@ def _train_denoiser(pipe: Any, s: Mapping[str, Any], device: torch.device, progr
             noise = torch.randn(posterior.mean.shape, generator=gen).to(device)
             latents = (posterior.mean + posterior.std * noise) * scaling
         text = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts)
-        loss = denoising_loss(pipe.unet, noise_scheduler, latents, text, generator=gen).mean()
+        loss = denoising_loss(pipe.unet, noise_scheduler, latents, text, generator=gen,
+                              offset_noise=s["offset_noise"]).mean()  # fmt: skip
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -793,7 +813,8 @@ def check_init(pipe: Any, s: Mapping[str, Any], directory: Path) -> dict[str, An
     extra_seeds = [s["check_seed"] + 10_000 + 3 * i + j for i in range(rows) for j in range(3)]
     extra = _generate(pipe, extra_prompts, extra_seeds, s["check_steps"], s["guidance_scale"])
     grid = np.stack([np.stack([scenes[i]["image"], images[i], *extra[3 * i : 3 * i + 3]]) for i in range(rows)])
-    save_contact_sheet(directory / "init_samples.png", grid, [textwrap.shorten(p, 40) for p in prompts[:rows]],
+    labels = ["{1} {2}\non {5}".format(*p.split()) for p in prompts[:rows]]  # "red circle\non blue"
+    save_contact_sheet(directory / "init_samples.png", grid, labels,
                        ["true scene", "sample 1", "sample 2", "sample 3", "sample 4"],
                        title=f"init: DDIM {s['check_steps']} steps, guidance {s['guidance_scale']}")  # fmt: skip
     check["seconds"] = round(time.perf_counter() - t0, 1)
@@ -861,7 +882,9 @@ def ensure_init(
     seed_everything(s["seed"])
     pipe = build_tiny_pipeline(vocabulary(), seed=s["seed"], image_size=s["image_size"],
                                block_out_channels=s["block_out_channels"], text_width=s["text_width"],
-                               vae_width=s["vae_width"], vae_attention=s["vae_attention"])  # fmt: skip
+                               vae_width=s["vae_width"], vae_attention=s["vae_attention"],
+                               attention_heads=s["attention_heads"],
+                               full_resolution_attention=s["full_resolution_attention"])  # fmt: skip
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -881,7 +904,8 @@ def ensure_init(
             raise SoupsError(f"the diffusion init's {name} has non-finite weights ({bad[0]}); not saved")
     try:
         with atomic_dir(target, overwrite=rebuild) as tmp:
-            pipe.save_pretrained(tmp, safe_serialization=True)
+            with _quiet_loading(progress):
+                pipe.save_pretrained(tmp, safe_serialization=True)
             check = check_init(pipe, s, tmp)
             every = max(1, len(unet_losses) // 50)
             write_json(tmp / "init_settings.json", {
