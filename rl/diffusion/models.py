@@ -11,6 +11,11 @@ component is the real diffusers/transformers class that Stable Diffusion 1.5 use
 
 It is saved with `save_pretrained`, so every later step loads it with `DiffusionPipeline.from_pretrained`, the
 code path that `stable-diffusion-v1-5/stable-diffusion-v1-5` takes.
+
+Also here: `ensure_init` (the shared init: the tiny pipeline pre-trained on the scenes, cached, with its check
+`init_check.json` / `init_samples.png`; settings `INIT_DEFAULTS`, `INIT_SMOKE`), `load_pipeline` (any diffusers
+pipeline), `add_trainable` (`lora` | `difffit`) and `save_expert` (the expert in diffusers format plus
+`soups_expert.json`), and the denoising loss pieces (`encode_prompts`, `denoising_loss`).
 """
 
 from __future__ import annotations
