@@ -789,7 +789,7 @@ def check_init(pipe: Any, s: Mapping[str, Any], directory: Path) -> dict[str, An
     Returns:
         The check's numbers.
     """
-    from rl.diffusion.evaluator import save_contact_sheet
+    from rl.diffusion.sheet import save_contact_sheet
     from rl.diffusion.task import generate_scenes
     from soups.utils import write_json
 
