@@ -87,6 +87,7 @@ def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:
         num(f"rwr.{key}", r[key], low=1, integer=True)
     num("rwr.keep", r["keep"], low=0, high=1, low_open=True)
     choice("rwr.weighting", r["weighting"], rwr.WEIGHTINGS)
+    choice("rwr.select_within", r.get("select_within", "round"), ("round", "prompt"))
     num("rwr.temperature", r["temperature"], low=0, low_open=True)
     num("rwr.guidance_scale", r["guidance_scale"], low=0)
     num("rwr.eta", r["eta"], low=0, high=1)
@@ -391,7 +392,10 @@ class Selection:
 def select(data: RoundData, reward_set: Any, r: Mapping[str, Any]) -> Selection:
     """Scalarises the round's scores (frozen normaliser), keeps the top `rwr.keep`, and weights the kept images."""
     scalar = reward_set.scalar(data.scores, update=False).double()
-    kept = rwr.select_top(scalar, float(r["keep"]))
+    if r.get("select_within", "round") == "prompt":
+        kept = rwr.select_top_per_group(scalar, data.prompts, float(r["keep"]))
+    else:
+        kept = rwr.select_top(scalar, float(r["keep"]))
     weights = rwr.rwr_weights(scalar[kept], scalar, str(r["weighting"]), float(r["temperature"]))
     stats: dict[str, float] = {}
     for k, name in enumerate(reward_set.names):

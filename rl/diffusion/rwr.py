@@ -23,12 +23,15 @@ Weightings (`rwr.weighting`), over the kept set K (their sum is normalised to 1)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from evals.errors import SoupsError
 
-__all__ = ["WEIGHTINGS", "effective_sample_size", "keep_count", "rwr_weights", "select_top", "weighted_denoising_loss"]
+__all__ = ["WEIGHTINGS", "effective_sample_size", "keep_count", "rwr_weights", "select_top", "select_top_per_group",
+           "weighted_denoising_loss"]
 
 WEIGHTINGS = ("uniform", "raw", "softmax")
 
@@ -66,6 +69,34 @@ def select_top(scores: torch.Tensor, keep: float) -> torch.Tensor:
     k = keep_count(scores.shape[0], keep)
     order = torch.sort(scores.double(), descending=True, stable=True).indices
     return order[:k]
+
+
+def select_top_per_group(scores: torch.Tensor, groups: Sequence[Any], keep: float) -> torch.Tensor:
+    """`select_top` within each group (e.g. the images of one prompt), so every group keeps its best `keep` share.
+
+    Selecting over the whole round keeps the *prompts* the reward likes (vivid colour words for colourfulness)
+    rather than the better renderings of every prompt; within a prompt, the kept images differ only by their
+    seed, so the expert learns how to draw any prompt for its reward.
+
+    Args:
+        scores: Tensor[N], the scalarised reward of each image (finite).
+        groups: N hashable group labels (e.g. the prompts).
+        keep: Fraction kept in each group, in (0, 1] (see `keep_count`).
+
+    Returns:
+        LongTensor of the kept indices, best first within each group, groups in order of first appearance;
+        e.g. scores [0.1, 0.9, 0.5, 0.2], groups [a, a, b, b], keep 0.5 -> [1, 2].
+    """
+    if len(groups) != scores.shape[0]:
+        raise SoupsError(f"rwr: {len(groups)} group labels for {scores.shape[0]} scores")
+    members: dict[Any, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    kept = []
+    for idx in members.values():
+        index = torch.tensor(idx, dtype=torch.long)
+        kept.append(index[select_top(scores[index], keep)])
+    return torch.cat(kept)
 
 
 def rwr_weights(kept: torch.Tensor, generated: torch.Tensor, weighting: str, temperature: float = 1.0) -> torch.Tensor:

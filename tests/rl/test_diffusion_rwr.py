@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from rl.diffusion.rwr import effective_sample_size, keep_count, rwr_weights, select_top, weighted_denoising_loss
+from rl.diffusion.rwr import (
+    effective_sample_size,
+    keep_count,
+    rwr_weights,
+    select_top,
+    select_top_per_group,
+    weighted_denoising_loss,
+)
 from soups.utils import SoupsError
 
 
@@ -29,6 +36,17 @@ def test_select_top_best_first_ties_to_the_lower_index() -> None:
     assert select_top(torch.tensor([2.0, 2.0, 2.0]), 0.5).tolist() == [0, 1]
     with pytest.raises(SoupsError, match="non-finite"):
         select_top(torch.tensor([1.0, float("nan")]), 0.5)
+
+
+def test_select_top_per_group_keeps_each_prompts_best() -> None:
+    # Prompt "vivid" scores high on every seed, "dull" low: over the round the top half is all "vivid"; within
+    # each prompt, each keeps its best ceil(0.5 * 3) = 2 of 3 seeds.
+    scores = torch.tensor([9.0, 8.0, 1.0, 7.5, 2.0, 0.5])
+    groups = ["vivid", "vivid", "dull", "vivid", "dull", "dull"]
+    assert select_top(scores, 0.5).tolist() == [0, 1, 3]
+    assert select_top_per_group(scores, groups, 0.5).tolist() == [0, 1, 4, 2]
+    with pytest.raises(SoupsError, match="group labels"):
+        select_top_per_group(scores, groups[:3], 0.5)
 
 
 def test_weights_hand_worked() -> None:
