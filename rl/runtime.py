@@ -495,6 +495,59 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def trainable_state(model: Any) -> dict[str, Any]:
+    """A torch model's trainable tensors by name (what a trainer's checkpoint stores)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trainable_checkpoint(root: Path, step: int, *, model: Any, optimizer: Any, state: dict[str, Any], config: Any,
+                              lr_hint: str) -> Path:  # fmt: skip
+    """`save_checkpoint` of a torch trainer: the trainable weights, the optimizer and the RNG states.
+
+    Args:
+        lr_hint: Named in the error when the weights or optimizer state are non-finite, e.g. "scst.lr=1e-4".
+
+    Raises:
+        SoupsError: non-finite weights or optimizer state (`stop_error`: nothing is written).
+    """
+    import torch
+
+    weights = trainable_state(model)
+    bad = nonfinite({"weights": weights, "optimizer": optimizer.state_dict()["state"]})
+    if bad:
+        raise stop_error(root, step, f"non-finite {', '.join(bad[:3])} (lower {lr_hint})")
+
+    def write_files(tmp: Path) -> None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+
+    return save_checkpoint(root, step, state=state, arrays={"trainable": weights}, write_files=write_files,
+                           config=config)  # fmt: skip
+
+
+def load_trainable_checkpoint(path: Path, *, model: Any, optimizer: Any, hint: str) -> dict[str, Any]:
+    """Restores what `save_trainable_checkpoint` wrote into `model` and `optimizer`; returns the trainer state.
+
+    Args:
+        hint: Appended to the error when the checkpoint's trainable tensors are not exactly the model's.
+
+    Raises:
+        SoupsError: the saved trainable tensors differ from the model's trainable parameters.
+    """
+    import torch
+
+    weights = load_arrays(path / "trainable.safetensors", framework="pt")
+    named = dict(model.named_parameters())
+    if sorted(weights) != sorted(n for n, p in named.items() if p.requires_grad):
+        raise SoupsError(f"{path}: its trainable weights are not this model's; {hint}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            named[name].copy_(value)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return load_state(path)
+
+
 def _as_list(x: Any) -> list[Any]:
     return x.tolist() if hasattr(x, "tolist") else list(x)
 

@@ -113,40 +113,16 @@ def make_trainable(captioner: CaptionModel, cfg: DictConfig) -> Any:
     return get_peft_model(model, config)
 
 
-def trainable_state(model: Any) -> dict[str, torch.Tensor]:
-    """The trainable tensors by name (what a checkpoint stores)."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_scst_checkpoint(root: Path, step: int, *, model: Any, optimizer: Any, state: dict[str, Any],
+def save_scst_checkpoint(root: Path, step: int, *, model: torch.nn.Module, optimizer: Any, state: dict[str, Any],
                          cfg: DictConfig) -> Path:  # fmt: skip
-    """`runtime.save_checkpoint` with the trainable weights, the optimizer and the RNG states."""
-    weights = trainable_state(model)
-    bad = runtime.nonfinite({"weights": weights, "optimizer": optimizer.state_dict()["state"]})
-    if bad:
-        raise runtime.stop_error(root, step, f"non-finite {', '.join(bad[:3])} (lower scst.lr={cfg.scst.lr})")
-
-    def write_files(tmp: Path) -> None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(runtime.rng_state(), tmp / "rng.pt")
-
-    return runtime.save_checkpoint(root, step, state=state, arrays={"trainable": weights}, write_files=write_files,
-                                   config=cfg)  # fmt: skip
+    """The runtime's torch checkpoint (trainable weights, optimizer, RNG) of this run."""
+    return runtime.save_trainable_checkpoint(root, step, model=model, optimizer=optimizer, state=state, config=cfg,
+                                             lr_hint=f"scst.lr={cfg.scst.lr}")  # fmt: skip
 
 
-def load_scst_checkpoint(path: Path, *, model: Any, optimizer: Any) -> dict[str, Any]:
+def load_scst_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
     """Restores the trainable weights, optimizer and RNG of a checkpoint; returns its trainer state."""
-    weights = runtime.load_arrays(path / "trainable.safetensors", framework="pt")
-    named = dict(model.named_parameters())
-    missing = sorted(set(weights) - set(named))
-    if missing:
-        raise SoupsError(f"{path}: weights {missing[:3]} are not in this model; resume with the same config")
-    with torch.no_grad():
-        for name, value in weights.items():
-            named[name].copy_(value)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    runtime.set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return runtime.load_state(path)
+    return runtime.load_trainable_checkpoint(path, model=model, optimizer=optimizer, hint="resume with the same config")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -333,40 +333,17 @@ def generate_round(pipe: Any, reward_set: Any, directory: Path, *, prompts: Sequ
 # ----------------------------------------------------------------------------------------------------------
 
 
-def trainable_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors by name (what a checkpoint stores)."""
-    return {n: p.detach() for n, p in unet.named_parameters() if p.requires_grad}
-
-
 def save_rwr_checkpoint(root: Path, step: int, *, unet: torch.nn.Module, optimizer: Any, state: dict[str, Any],
                         cfg: DictConfig) -> Path:  # fmt: skip
-    """`runtime.save_checkpoint` with the trainable weights, the optimizer and the RNG states."""
-    weights = trainable_state(unet)
-    bad = runtime.nonfinite({"weights": weights, "optimizer": optimizer.state_dict()["state"]})
-    if bad:
-        raise runtime.stop_error(root, step, f"non-finite {', '.join(bad[:3])} (lower rwr.lr={cfg.rwr.lr})")
-
-    def write_files(tmp: Path) -> None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(runtime.rng_state(), tmp / "rng.pt")
-
-    return runtime.save_checkpoint(root, step, state=state, arrays={"trainable": weights}, write_files=write_files,
-                                   config=cfg)  # fmt: skip
+    """The runtime's torch checkpoint (trainable weights, optimizer, RNG) of this run."""
+    return runtime.save_trainable_checkpoint(root, step, model=unet, optimizer=optimizer, state=state, config=cfg,
+                                             lr_hint=f"rwr.lr={cfg.rwr.lr}")  # fmt: skip
 
 
 def load_rwr_checkpoint(path: Path, *, unet: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
     """Restores the trainable weights, optimizer and RNG of a checkpoint; returns its trainer state."""
-    weights = runtime.load_arrays(path / "trainable.safetensors", framework="pt")
-    named = dict(unet.named_parameters())
-    if sorted(weights) != sorted(n for n, p in named.items() if p.requires_grad):
-        raise SoupsError(f"{path}: its trainable weights are not this model's; resume with the same trainable= "
-                         "and lora settings")  # fmt: skip
-    with torch.no_grad():
-        for name, value in weights.items():
-            named[name].copy_(value)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    runtime.set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return runtime.load_state(path)
+    return runtime.load_trainable_checkpoint(path, model=unet, optimizer=optimizer,
+                                             hint="resume with the same trainable= and lora settings")
 
 
 # ----------------------------------------------------------------------------------------------------------
