@@ -18,6 +18,15 @@ Weightings (`rwr.weighting`), over the kept set K (their sum is normalised to 1)
   constant added to the reward; taking the generated set's minimum keeps the weakest kept image's weight > 0
   whenever it beats the worst generated image. When every generated reward is equal, the weights are uniform.
 - `softmax`: w_i ∝ exp(r_i / T) with temperature T (`rwr.temperature`): T → ∞ is uniform, T → 0 is the arg max.
+
+Prior preservation (`rwr.prior_weight` β > 0; DreamBooth, Ruiz et al. 2023, §3.3): fine-tuning only on the model's
+own kept samples drifts it away from what it was pre-trained to do (on the embedded task, every RWR expert lost
+prompt fidelity whatever its reward). Each step then also denoises a batch of prior images x'_j (`rwr.prior_data`:
+the init's pre-training scenes, or the init's own round-0 samples as in DreamBooth) with their prompts:
+
+    L(θ) = L_RWR(θ) + β · (1/m) Σ_j ‖ε'_j − ε_θ(x'_{t_j}, t_j, c'_j)‖²
+
+β = 0 is the thesis' RWR exactly.
 """
 
 from __future__ import annotations
@@ -30,8 +39,8 @@ import torch
 
 from evals.errors import SoupsError
 
-__all__ = ["WEIGHTINGS", "effective_sample_size", "keep_count", "rwr_weights", "select_top", "select_top_per_group",
-           "weighted_denoising_loss"]
+__all__ = ["WEIGHTINGS", "effective_sample_size", "keep_count", "prior_preserved_loss", "rwr_weights", "select_top",
+           "select_top_per_group", "weighted_denoising_loss"]
 
 WEIGHTINGS = ("uniform", "raw", "softmax")
 
@@ -159,3 +168,32 @@ def weighted_denoising_loss(pred: torch.Tensor, target: torch.Tensor, weights: t
     per_image = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)  # [B]
     w = weights.to(per_image.device, per_image.dtype)
     return (w * per_image).sum() / w.sum()
+
+
+def prior_preserved_loss(
+    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, prior_pred: torch.Tensor,
+    prior_target: torch.Tensor, prior_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The RWR loss plus β × the prior-preservation loss (see the module docstring), and the prior term alone.
+
+    Args:
+        pred: Tensor[B, C, H, W], the UNet's prediction on the kept images.
+        target: Tensor[B, C, H, W], its target (ε).
+        weights: Tensor[B] ≥ 0, the kept images' RWR weights (`weighted_denoising_loss`).
+        prior_pred: Tensor[M, C, H, W], the UNet's prediction on the prior images.
+        prior_target: Tensor[M, C, H, W], its target.
+        prior_weight: β ≥ 0.
+
+    Returns:
+        (total, prior) scalar tensors: total = weighted_denoising_loss(pred, target, weights) + β · prior, prior =
+        the plain mean squared error on the prior batch. E.g. kept per-image squared errors [1, 3] with weights
+        [3, 1] (RWR term 1.5), prior per-image errors [2, 4] (prior term 3), β = 0.5: total 1.5 + 0.5·3 = 3.0.
+    """
+    if not float(prior_weight) >= 0 or not math.isfinite(float(prior_weight)):
+        raise SoupsError(f"rwr.prior_weight={prior_weight!r} must be a finite number >= 0")
+    if prior_pred.shape != prior_target.shape or prior_pred.ndim < 2:
+        raise SoupsError(f"prior loss: pred {tuple(prior_pred.shape)} and target {tuple(prior_target.shape)} do not "
+                         "match")  # fmt: skip
+    main = weighted_denoising_loss(pred, target, weights)
+    prior = ((prior_pred.float() - prior_target.float()) ** 2).mean()
+    return main + float(prior_weight) * prior, prior

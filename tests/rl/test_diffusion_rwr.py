@@ -10,6 +10,7 @@ import torch
 from rl.diffusion.rwr import (
     effective_sample_size,
     keep_count,
+    prior_preserved_loss,
     rwr_weights,
     select_top,
     select_top_per_group,
@@ -95,3 +96,26 @@ def test_weighted_denoising_loss_hand_worked_and_equals_mse_when_uniform() -> No
     assert weighted_denoising_loss(p, t, torch.ones(4)).item() == pytest.approx(mse.item(), rel=1e-6)
     with pytest.raises(SoupsError, match="do not match"):
         weighted_denoising_loss(p, t, torch.ones(3))
+
+
+def test_prior_preserved_loss_hand_worked() -> None:
+    target = torch.zeros(2, 1, 1, 2)
+    pred = torch.tensor([[[[1.0, 1.0]]], [[[math.sqrt(3), math.sqrt(3)]]]], requires_grad=True)  # errors [1, 3]
+    prior_pred = torch.tensor([[[[math.sqrt(2), math.sqrt(2)]]], [[[2.0, 2.0]]]], requires_grad=True)  # errors [2, 4]
+    weights = torch.tensor([3.0, 1.0])
+    # RWR term (3·1 + 1·3) / 4 = 1.5; prior term (2 + 4) / 2 = 3; β = 0.5: 1.5 + 0.5·3 = 3.0
+    total, prior = prior_preserved_loss(pred, target, weights, prior_pred, torch.zeros(2, 1, 1, 2), 0.5)
+    assert total.item() == pytest.approx(3.0) and prior.item() == pytest.approx(3.0)
+    total.backward()
+    # d total / d prior_pred = β · 2·x / (number of prior elements) = 0.5 · 2·2 / 4 = 0.5 for the second image
+    assert prior_pred.grad is not None and prior_pred.grad[1].flatten().tolist() == pytest.approx([0.5, 0.5])
+    # β = 0: exactly the thesis' RWR loss (and no gradient reaches the prior batch)
+    p2 = prior_pred.detach().clone().requires_grad_(True)
+    total0, _ = prior_preserved_loss(pred, target, weights, p2, torch.zeros(2, 1, 1, 2), 0.0)
+    assert total0.item() == weighted_denoising_loss(pred, target, weights).item()
+    total0.backward()
+    assert p2.grad is not None and float(p2.grad.abs().max()) == 0.0
+    with pytest.raises(SoupsError, match="prior_weight"):
+        prior_preserved_loss(pred, target, weights, prior_pred, torch.zeros(2, 1, 1, 2), -1.0)
+    with pytest.raises(SoupsError, match="do not match"):
+        prior_preserved_loss(pred, target, weights, prior_pred, torch.zeros(2, 1, 2, 1), 0.5)

@@ -188,7 +188,9 @@ def test_prompts_embedded_or_from_a_file(tmp_path: Path) -> None:
 def test_bad_settings_are_named(tmp_path: Path, init_dir: Path) -> None:
     for override, named in [("rwr.keep=0", "rwr.keep"), ("rwr.keep=1.5", "rwr.keep"),
                             ("rwr.weighting=linear", "uniform, raw, softmax"), ("trainable=full", "lora, difffit"),
-                            ("rwr.n_images=0", "rwr.n_images"), ("rwr.temperature=0", "rwr.temperature")]:  # fmt: skip
+                            ("rwr.n_images=0", "rwr.n_images"), ("rwr.temperature=0", "rwr.temperature"),
+                            ("rwr.prior_weight=-1", "rwr.prior_weight"),
+                            ("rwr.prior_data=class", "scenes, init_samples")]:  # fmt: skip
         with pytest.raises(SoupsError, match=named):
             train_diffusion.validate_config(_cfg(tmp_path, init_dir, override))
 
@@ -276,6 +278,33 @@ def test_killed_run_resumes_without_regenerating_and_ends_with_the_same_expert(
     rows_b = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows_b] == list(range(1, 9))
     assert [r["rwr/loss"] for r in rows_a] == [r["rwr/loss"] for r in rows_b]
+
+
+@pytest.mark.parametrize("prior_data", ["scenes", "init_samples"])
+def test_prior_preservation_trains_on_the_prior_and_resumes_exactly(
+    tmp_path: Path, init_dir: Path, monkeypatch: pytest.MonkeyPatch, prior_data: str
+) -> None:
+    spy = _Spy(monkeypatch)
+    settings = ["rwr.prior_weight=1.0", f"rwr.prior_data={prior_data}", f"rwr.cache_dir={tmp_path / 'cache'}"]
+    plain = train_diffusion.train(_cfg(tmp_path / "plain", init_dir, f"rwr.cache_dir={tmp_path / 'cache'}"))
+    whole = train_diffusion.train(_cfg(tmp_path / "whole", init_dir, *settings))
+    rows = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    plain_rows = [json.loads(x) for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rwr/prior_loss"] > 0 for r in rows) and "rwr/prior_loss" not in plain_rows[0]
+    # the same kept batch; the prior term is added with weight 1 (the RWR term is the total minus it)
+    assert rows[0]["rwr/loss"] - rows[0]["rwr/prior_loss"] == pytest.approx(plain_rows[0]["rwr/loss"], rel=1e-4)
+    a, p = _lora(whole), _lora(plain)
+    assert any(not torch.equal(a[k], p[k]) for k in a)  # the prior batch changed the update
+    # killed after the first checkpoint (step 2), resumed: the same expert as the uninterrupted run
+    cfg = _cfg(tmp_path / "killed", init_dir, *settings)
+    spy.reset(checkpoints=1)
+    with pytest.raises(_Killed):
+        train_diffusion.train(cfg)
+    spy.reset()
+    expert = train_diffusion.train(_cfg(tmp_path / "killed", init_dir, *settings, "resume=true"))
+    assert spy.generated == 0
+    b = _lora(expert)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_second_expert_and_morl_reuse_round_0(
