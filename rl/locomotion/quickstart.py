@@ -75,7 +75,7 @@ def train_overrides(cfg: Any, reward: str, output: Path, weights: Sequence[float
 
 
 def after_front(cfg: Any, out: Path) -> Any:
-    """HTML rollouts of the experts and the λ soup (`rl.locomotion.rollouts`), in `<output_dir>/rollouts/`."""
+    """HTML and GIF rollouts of the experts and the λ soup (`rl.locomotion.rollouts`), in `<output_dir>/rollouts/`."""
     from rl.locomotion.rollouts import quickstart_rollouts
 
     return quickstart_rollouts(cfg, out)
