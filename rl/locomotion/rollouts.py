@@ -144,7 +144,8 @@ def write_gif(env: Any, states: list[Any], output: str | Path, *, size: tuple[in
 
 def _skipped(output: str | Path, reason: str) -> None:
     print(f"rollout GIF skipped ({output}): no MuJoCo GL context with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r} "
-          f"(set MUJOCO_GL=egl or osmesa before Python starts): {reason}")  # fmt: skip
+          f"(headless rendering needs MUJOCO_GL=egl with an EGL driver or osmesa with OSMesa, set before MuJoCo is "
+          f"imported): {reason}")  # fmt: skip
 
 
 def write_rollout(policy_dir: str | Path, html_path: str | Path, gif_path: str | Path | None = None, *,
