@@ -1,6 +1,6 @@
 """Brax PPO locomotion experts on R_α = velocity − α Σ‖a‖² (rewarded soups, thesis §6.3.4).
 
-    python rl/train_brax.py reward=risky                         # α = 0 (swimmer/generalized, 2 CPU cores)
+    python rl/train_brax.py reward=risky                         # α = 0 (halfcheetah/positional, 2 CPU cores)
     python rl/train_brax.py reward=cautious init=outputs/train_brax/init/policy
     python rl/train_brax.py reward=morl reward.weights=[0.5,0.5] init=...
     python rl/train_brax.py reward=risky experiment=smoke         # seconds of PPO + the JIT
