@@ -37,10 +37,11 @@ from typing import Any  # noqa: E402
 from rl.locomotion import models  # noqa: E402
 from soups.utils import SoupsError  # noqa: E402
 
-GIF_SIZE = (160, 120)  # width, height: the swimmer is ~50 px long in the track camera
-GIF_EVERY = 2  # every 2nd state: 12.5 frames/s at swimmer's dt = 0.04 s
+GIF_SIZE = (160, 120)  # width, height: the swimmer is ~50 px long in its track camera, the halfcheetah ~60 px
+GIF_EVERY = 2  # every 2nd state: 12.5 frames/s at swimmer's dt = 0.04 s, 10 frames/s at halfcheetah's dt = 0.05 s
 # One 64-colour palette for all frames (no dithering): the tracking camera moves the checkered floor under every
-# pixel, so per-frame 256-colour palettes made a 300-step GIF 604 KB at 160x120; this makes it ~215 KB.
+# pixel, so per-frame 256-colour palettes made a 300-step swimmer GIF 604 KB at 160x120; this makes it ~215 KB
+# (a 300-step halfcheetah GIF: ~440 KB).
 GIF_COLORS = 64
 CAMERA = "track"  # the trackcom camera of brax's swimmer, ant, humanoid, ... (the free camera otherwise)
 # The first GL failure of this process: MuJoCo may abort the process (not raise) on a second try, so none is made.
