@@ -126,7 +126,8 @@ def _plot_pairs(pairs: Sequence[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel(f"{label} (pair, test domain)")
         ax.set_ylabel("WA gain over pair mean (pts)")
         ax.axhline(0, color="grey", lw=0.5)
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:  # no finite point (e.g. one pair of one group): no legend to draw
+        axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
