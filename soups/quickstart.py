@@ -366,7 +366,8 @@ def run_quickstart(cfg: DictConfig) -> Path:
     # ---- report ------------------------------------------------------------------------------------------------
     print(report(front, [str(r) for r in cfg.experts], time.perf_counter() - t0))
     if cfg.mix.enabled:
-        print(f"soup:    {soup}  ({recipe.soup_class}.from_pretrained('{soup}'))")
+        loader = recipe.soup_loader or f"{recipe.soup_class}.from_pretrained('{{path}}')"
+        print(f"soup:    {soup}  ({loader.format(path=soup)})")
     return front
 
 

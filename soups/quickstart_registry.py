@@ -75,6 +75,8 @@ class Recipe:
             diffusers' `DiffusionPipeline`.
         soup_done_file: The file whose presence in `soup/` marks the soup stage done (`model_index.json` for a
             diffusers pipeline).
+        soup_loader: How a user loads the soup (the closing line), with `{path}` for its directory; empty means
+            `<soup_class>.from_pretrained('{path}')`.
     """
 
     name: str
@@ -89,6 +91,7 @@ class Recipe:
     after_front: Callable[[Any, Path], Any] | None = None
     soup_class: str = "AutoModelForCausalLM"
     soup_done_file: str = "config.json"
+    soup_loader: str = ""
 
 
 # The entry points every recipe shares: the front and the soup.

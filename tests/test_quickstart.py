@@ -77,7 +77,8 @@ def test_experts_train_on_responses_as_long_as_the_front_evaluates(tmp_path: Pat
 def test_task_recipes_by_name_and_unknown_ones_listed(tmp_path: Path) -> None:
     recipe = get_recipe("summarisation")
     assert (recipe.trainer.config, recipe.trainer.module, recipe.init_dir) == ("train_ppo", "rl.train_ppo", "sft")
-    with pytest.raises(SoupsError, match="unknown quickstart task 'nope'; valid tasks: captioning, diffusion, locomotion, summarisation"):
+    valid = "valid tasks: captioning, diffusion, locomotion, summarisation"
+    with pytest.raises(SoupsError, match=f"unknown quickstart task 'nope'; {valid}"):
         get_recipe("nope")
     cfg = _cfg(tmp_path)
     assert cfg.task == "summarisation"  # the default task
@@ -85,6 +86,17 @@ def test_task_recipes_by_name_and_unknown_ones_listed(tmp_path: Path) -> None:
     with pytest.raises(SoupsError, match="valid tasks: captioning, diffusion, locomotion, summarisation"):
         run_quickstart(cfg)
     assert not (tmp_path / "qs").exists()  # refused before anything is written
+
+
+def test_brax_soup_stage_is_done_by_what_soups_mix_writes(tmp_path: Path) -> None:
+    """A Brax soup directory holds brax_policy.json, no config.json: the recipe must mark its soup stage done by the
+    file soups.mix copies (else every rerun re-mixes it), and name the loader that reads it."""
+    from rl.locomotion.models import META_FILE
+
+    recipe = get_recipe("locomotion")
+    assert recipe.soup_done_file == META_FILE == recipe.done_file
+    assert recipe.soup_loader.format(path="/s") == "rl.locomotion.models.load_policy('/s')"
+    assert get_recipe("summarisation").soup_loader == ""  # the default: <soup_class>.from_pretrained
 
 
 def test_subprocess_commands_of_the_stages() -> None:

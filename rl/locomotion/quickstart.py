@@ -85,5 +85,6 @@ RECIPES.add(
     "locomotion",
     Recipe(name="locomotion", trainer=TRAIN_BRAX, build_init=build_init, train_overrides=train_overrides,
            init_dir=INIT_DIR, init_label="shared init (brax PPO on α = 0.5, short)", expert_subdir="policy",
-           done_file="brax_policy.json", mix_overrides=(), after_front=after_front),
+           done_file="brax_policy.json", mix_overrides=(), after_front=after_front, soup_class="Brax policy",
+           soup_done_file="brax_policy.json", soup_loader="rl.locomotion.models.load_policy('{path}')"),
 )  # fmt: skip
