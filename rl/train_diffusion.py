@@ -407,6 +407,26 @@ def step_batch(
     return [int(p) for p in positions], [int(t) for t in timesteps], int(rng.integers(0, 2**62))
 
 
+def noised_batch(noise_scheduler: Any, x0: torch.Tensor, timesteps: list[int], noise_seed: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The forward-noised batch of one denoising step and its regression target.
+
+    Args:
+        x0: Clean latents `[B, C, H, W]`.
+        timesteps: One timestep per image.
+        noise_seed: Seed of the CPU generator of the noise (so a resumed run draws the same noise).
+
+    Returns:
+        (noisy `[B, C, H, W]`, target `[B, C, H, W]`: the noise ε, or v for a `v_prediction` scheduler, t `[B]`).
+    """
+    noise = torch.randn(x0.shape, generator=torch.Generator("cpu").manual_seed(noise_seed)).to(device)
+    t = torch.tensor(timesteps, device=device, dtype=torch.long)
+    noisy = noise_scheduler.add_noise(x0, noise, t)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noisy, noise_scheduler.get_velocity(x0, noise, t), t
+    return noisy, noise, t
+
+
 @torch.no_grad()
 def prior_pool(pipe: Any, r: Mapping[str, Any], seed: int, round0: RoundData, size: int,
                device: torch.device) -> tuple[torch.Tensor, list[str]]:  # fmt: skip
@@ -587,26 +607,12 @@ def train(cfg: DictConfig) -> Path:
             t0 = time.perf_counter()
             pos, ts, noise_seed = step_batch(seed, round_, step, len(sel.kept), int(r.train_batch_size),
                                              int(noise_scheduler.config.num_train_timesteps))  # fmt: skip
-            x0 = kept_latents[pos]
-            noise = torch.randn(x0.shape, generator=torch.Generator("cpu").manual_seed(noise_seed)).to(device)
-            t = torch.tensor(ts, device=device, dtype=torch.long)
-            noisy = noise_scheduler.add_noise(x0, noise, t)
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(x0, noise, t)
-            else:
-                target = noise
+            noisy, target, t = noised_batch(noise_scheduler, kept_latents[pos], ts, noise_seed, device)
             extra: dict[str, float] = {}
             if prior_weight > 0:  # one UNet pass over the kept batch and the prior batch together
                 ppos, pts, pseed = step_batch(seed, round_, step, len(prior_prompts), int(r.train_batch_size),
                                               int(noise_scheduler.config.num_train_timesteps), stream=2)  # fmt: skip
-                px0 = prior_latents[ppos]
-                pnoise = torch.randn(px0.shape, generator=torch.Generator("cpu").manual_seed(pseed)).to(device)
-                pt = torch.tensor(pts, device=device, dtype=torch.long)
-                pnoisy = noise_scheduler.add_noise(px0, pnoise, pt)
-                if noise_scheduler.config.prediction_type == "v_prediction":
-                    ptarget = noise_scheduler.get_velocity(px0, pnoise, pt)
-                else:
-                    ptarget = pnoise
+                pnoisy, ptarget, pt = noised_batch(noise_scheduler, prior_latents[ppos], pts, pseed, device)
                 both = unet(torch.cat([noisy, pnoisy]), torch.cat([t, pt]),
                             encoder_hidden_states=torch.cat([embeds[prompt_ids[pos]],
                                                              prior_embeds[prior_ids[ppos]]])).sample  # fmt: skip
